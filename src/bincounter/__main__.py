@@ -1,0 +1,5 @@
+import sys
+
+from bincounter.cli import main
+
+sys.exit(main())

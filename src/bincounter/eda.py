@@ -1,0 +1,100 @@
+"""The exploratory report the seed notebooks drew by hand, as a pipeline output of the split stage.
+
+data/eda/summary.json (DVC metrics), class_counts.csv (DVC plot), class_balance.png,
+image_sizes.png and samples.png (a grid of sample photos per count).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bincounter.config import Config  # noqa: E402
+from bincounter.fetch import IMAGES  # noqa: E402
+
+
+def write_report(config: Config, splits: dict[str, list[str]], labels: dict[str, int], rejects: dict[str, str]):
+    eda_dir = Path(config.split.eda_dir)
+    eda_dir.mkdir(parents=True, exist_ok=True)
+    raw_images = Path(config.data.raw_dir) / IMAGES
+    classes = list(range(config.data.max_count + 1))
+    counts = {name: Counter(labels[i] for i in ids) for name, ids in splits.items()}
+    sizes = [_size(raw_images / f"{i}.jpg") for i in sorted(labels)]
+
+    rows = [f"count,{','.join(splits)}"] + [f"{c},{','.join(str(counts[s][c]) for s in splits)}" for c in classes]
+    (eda_dir / "class_counts.csv").write_text("\n".join(rows) + "\n")
+    widths, heights = [w for w, _ in sizes], [h for _, h in sizes]
+    summary = {
+        "images": len(labels),
+        "rejected": len(rejects),
+        "per_split": {name: len(ids) for name, ids in splits.items()},
+        "per_count": {str(c): sum(counts[s][c] for s in splits) for c in classes},
+        "median_width": _median(widths),
+        "median_height": _median(heights),
+    }
+    (eda_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _plot_class_balance(eda_dir / "class_balance.png", counts, classes)
+    _plot_sizes(eda_dir / "image_sizes.png", widths, heights)
+    _plot_samples(eda_dir / "samples.png", labels, raw_images, classes, seed=config.split.seed)
+
+
+def _size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:  # reads the header only
+        return image.size
+
+
+def _median(values: list[int]) -> float:
+    values = sorted(values)
+    if not values:
+        return 0.0
+    mid = len(values) // 2
+    return float(values[mid]) if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def _plot_class_balance(path: Path, counts: dict[str, Counter], classes: list[int]) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(counts)
+    for k, (name, counter) in enumerate(counts.items()):
+        ax.bar([c + (k - 1) * width for c in classes], [counter[c] for c in classes], width, label=name)
+    ax.set(xlabel="objects in bin (EXPECTED_QUANTITY)", ylabel="images", title="Class balance per split")
+    ax.set_xticks(classes)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_sizes(path: Path, widths: list[int], heights: list[int]) -> None:
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.scatter(widths, heights, s=6, alpha=0.4)
+    ax.set(xlabel="width (px)", ylabel="height (px)", title=f"Image sizes (n={len(widths)})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_samples(path: Path, labels: dict[str, int], raw_images: Path, classes: list[int], seed: int, per=4):
+    rng = random.Random(seed)
+    fig, axes = plt.subplots(len(classes), per, figsize=(per * 2.2, len(classes) * 2.2), squeeze=False)
+    for row, count in enumerate(classes):
+        ids = sorted(i for i, c in labels.items() if c == count)
+        picks = rng.sample(ids, min(per, len(ids)))
+        for col in range(per):
+            ax = axes[row][col]
+            ax.axis("off")
+            if col < len(picks):
+                with Image.open(raw_images / f"{picks[col]}.jpg") as image:
+                    image.draft("RGB", (200, 200))
+                    ax.imshow(image.convert("RGB"))
+                ax.set_title(f"count {count} · {picks[col]}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

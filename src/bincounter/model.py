@@ -1,0 +1,110 @@
+"""The bin counter: a torchvision backbone with a head over counts 0..max_count.
+
+`BinCounterNet` takes uint8 RGB batches (N, 3, H, W) and normalises them itself, so training,
+evaluation and the served pyfunc cannot disagree about preprocessing (and uint8 moves to the GPU
+four times cheaper than float).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bincounter.errors import BincounterError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHTS_FILE = "weights.pt"
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+class BinCounterNet(nn.Module):
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std
+        if images.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x)
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Swap the last Linear layer (resnet .fc, efficientnet/mobilenet/convnext .classifier[-1]) for ours."""
+    last_name, last = None, None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last_name, last = name, module
+    if last is None:
+        raise BincounterError("this architecture has no Linear head to replace")
+    parent = model
+    *path, leaf = last_name.split(".")
+    for part in path:
+        parent = getattr(parent, part)
+    setattr(parent, leaf, nn.Linear(last.in_features, num_classes))
+    return model
+
+
+def build_model(arch: str, num_classes: int, pretrained: bool = False, weights_path: str = "") -> BinCounterNet:
+    import torchvision
+
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise BincounterError(f"unknown arch {arch!r} (try resnet18, resnet34, resnet50)")
+    if weights_path:
+        backbone = torchvision.models.get_model(arch, weights=None)
+        _load_backbone_weights(backbone, weights_path)
+    elif pretrained:
+        backbone = _download_pretrained(arch)
+    else:
+        backbone = torchvision.models.get_model(arch, weights=None)
+    return BinCounterNet(_replace_head(backbone, num_classes))
+
+
+def _load_backbone_weights(backbone: nn.Module, weights_path: str) -> None:
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise BincounterError(f"weights file {weights_path} not found") from None
+    except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file for the user
+        raise BincounterError(f"cannot read weights file {weights_path}: {type(exc).__name__}") from None
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    if unexpected or len(missing) > 2:  # the classifier may differ; the body must match
+        raise BincounterError(f"{weights_path} does not fit this arch ({len(missing)} missing, {len(unexpected)} unexpected keys)")
+
+
+def _download_pretrained(arch: str) -> nn.Module:
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    try:
+        return torchvision.models.get_model(arch, weights=weights)  # cached under $TORCH_HOME after the first time
+    except (OSError, RuntimeError) as exc:
+        raise BincounterError(
+            f"cannot download ImageNet weights for {arch} ({type(exc).__name__}); offline? fetch {weights.url} "
+            "on a connected machine and pass --weights-path FILE (train.weights_path)"
+        ) from None
+
+
+def save_model_dir(model: BinCounterNet, out_dir: str | Path, model_config: dict) -> Path:
+    """Weights + the config needed to rebuild them: the format of SM_MODEL_DIR and of the pyfunc artifact."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)  # unwrap DDP
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out_dir / WEIGHTS_FILE)
+    (out_dir / MODEL_CONFIG_FILE).write_text(json.dumps(model_config, indent=2) + "\n")
+    return out_dir
+
+
+def load_model_dir(model_dir: str | Path, device: str = "cpu") -> tuple[BinCounterNet, dict]:
+    model_dir = Path(model_dir)
+    model_config = json.loads((model_dir / MODEL_CONFIG_FILE).read_text())
+    model = build_model(model_config["arch"], model_config["max_count"] + 1)
+    state = torch.load(model_dir / WEIGHTS_FILE, map_location=device, weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval(), model_config
