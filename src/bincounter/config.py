@@ -209,21 +209,29 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
             raise BincounterError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
         if not isinstance(raw, dict):
             raise BincounterError(f"{path}: expected a mapping of sections")
-    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    return build_config(raw, overrides, source=str(path))
+
+
+def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """A copy of config with dotted overrides applied (validated like params.yaml)."""
+    return build_config(config.to_dict(), overrides)
+
+
+def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, source: str = "params") -> Config:
+    sections = [f.name for f in dataclasses.fields(Config)]
     hints = typing.get_type_hints(Config)
     unknown = set(raw) - set(sections)
     if unknown:
-        raise BincounterError(f"{path}: unknown section(s): {', '.join(sorted(unknown))}")
+        raise BincounterError(f"{source}: unknown section(s): {', '.join(sorted(unknown))}")
+    raw = {name: dict(raw.get(name) or {}) for name in sections}
     for key, value in (overrides or {}).items():
-        if value is None:
-            continue
+        if value is None or value == "":
+            continue  # "" is how MLproject says "keep params.yaml"
         section, _, name = key.partition(".")
         if section not in sections or not name:
             raise BincounterError(f"unknown parameter {key!r} (expected section.name, e.g. train.lr)")
-        raw.setdefault(section, {})
-        raw[section] = dict(raw[section] or {})
         raw[section][name] = value
-    built = {name: _build_section(hints[name], raw.get(name) or {}, name) for name in sections}
+    built = {name: _build_section(hints[name], raw[name], name) for name in sections}
     config = Config(**built)
     validate(config)
     return config

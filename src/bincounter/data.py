@@ -54,5 +54,5 @@ class PreparedDataset(Dataset):
         return len(self.counts)
 
     def __getitem__(self, index: int):
-        image = torch.from_numpy(np.ascontiguousarray(self.images[index])).permute(2, 0, 1)
+        image = torch.from_numpy(np.array(self.images[index])).permute(2, 0, 1)  # copy out of the read-only mmap
         return self.transform(image), self.counts[index]
