@@ -13,28 +13,28 @@ from bincounter.errors import BincounterError
 
 # flag name -> dotted params key, per subcommand group
 TRAIN_FLAGS: dict[str, tuple[str, type | None, str]] = {
-    "backend": ("train.backend", str, "local | sagemaker"),
-    "arch": ("train.arch", str, "torchvision backbone: resnet18, resnet34, resnet50, ..."),
-    "pretrained": ("train.pretrained", str, "true: start from torchvision ImageNet weights"),
-    "weights_path": ("train.weights_path", str, "local .pth state dict to start from (offline pretrained)"),
-    "epochs": ("train.epochs", int, "epochs"),
-    "batch_size": ("train.batch_size", int, "batch size"),
-    "lr": ("train.lr", float, "learning rate"),
-    "weight_decay": ("train.weight_decay", float, "weight decay"),
-    "optimizer": ("train.optimizer", str, "adamw | sgd"),
-    "loss": ("train.loss", str, "ce | emd (ordinal-aware)"),
-    "class_balance": ("train.class_balance", str, "weighted_loss | sampler | none"),
-    "augment": ("train.augment", float, "augmentation strength 0..1"),
-    "image_size": ("train.image_size", int, "training crop size"),
-    "seed": ("train.seed", int, "random seed"),
-    "patience": ("train.patience", int, "early stopping patience (epochs)"),
-    "num_workers": ("train.num_workers", int, "data loader workers (-1 = auto)"),
-    "device": ("train.device", str, "auto | cpu | cuda"),
-    "data_dir": ("train.data_dir", str, "prepared data folder (train/ val/ test/)"),
-    "checkpoint_dir": ("train.checkpoint_dir", str, "checkpoint folder (--resume reads it)"),
-    "profile_steps": ("train.profile_steps", int, "torch.profiler steps to record (0 = off)"),
-    "model_name": ("mlflow.model_name", str, "registered model name"),
-    "experiment": ("mlflow.experiment", str, "MLflow experiment"),
+    "backend": ("train.backend", None, "local | sagemaker"),
+    "arch": ("train.arch", None, "torchvision backbone: resnet18, resnet34, resnet50, ..."),
+    "pretrained": ("train.pretrained", None, "true: start from torchvision ImageNet weights"),
+    "weights_path": ("train.weights_path", None, "local .pth state dict to start from (offline pretrained)"),
+    "epochs": ("train.epochs", None, "epochs"),
+    "batch_size": ("train.batch_size", None, "batch size"),
+    "lr": ("train.lr", None, "learning rate"),
+    "weight_decay": ("train.weight_decay", None, "weight decay"),
+    "optimizer": ("train.optimizer", None, "adamw | sgd"),
+    "loss": ("train.loss", None, "ce | emd (ordinal-aware)"),
+    "class_balance": ("train.class_balance", None, "weighted_loss | sampler | none"),
+    "augment": ("train.augment", None, "augmentation strength 0..1"),
+    "image_size": ("train.image_size", None, "training crop size"),
+    "seed": ("train.seed", None, "random seed"),
+    "patience": ("train.patience", None, "early stopping patience (epochs)"),
+    "num_workers": ("train.num_workers", None, "data loader workers (-1 = auto)"),
+    "device": ("train.device", None, "auto | cpu | cuda"),
+    "data_dir": ("train.data_dir", None, "prepared data folder (train/ val/ test/)"),
+    "checkpoint_dir": ("train.checkpoint_dir", None, "checkpoint folder (--resume reads it)"),
+    "profile_steps": ("train.profile_steps", None, "torch.profiler steps to record (0 = off)"),
+    "model_name": ("mlflow.model_name", None, "registered model name"),
+    "experiment": ("mlflow.experiment", None, "MLflow experiment"),
 }
 
 
@@ -100,7 +100,8 @@ def cmd_sync(args):
 def cmd_train(args):
     from bincounter.train import run_training
 
-    run_training(_config(args, TRAIN_FLAGS), resume=args.resume)
+    resume = args.resume or str(args.resume_flag).lower() in ("true", "1", "yes")
+    run_training(_config(args, TRAIN_FLAGS), resume=resume)
 
 
 def cmd_evaluate(args):
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "Train a bin counter and log it to MLflow (local or SageMaker backend).")
     _add_flags(p, TRAIN_FLAGS)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --checkpoint-dir")
+    p.add_argument("--resume-flag", dest="resume_flag", default=None, help=argparse.SUPPRESS)  # MLproject: true|false
 
     p = add("evaluate", cmd_evaluate, "Evaluate a logged model on a split and log metrics and plots to a run.")
     p.add_argument("--model", required=True, help="model URI, e.g. models:/bin-counter@champion")
@@ -166,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("hpo", cmd_hpo, "Hyperparameter search (Optuna locally, SageMaker's tuner remotely).")
     _add_flags(p, TRAIN_FLAGS)
-    p.add_argument("--n-trials", type=int, default=None, help="number of trials")
-    p.add_argument("--n-jobs", type=int, default=None, help="parallel trials (local)")
+    p.add_argument("--n-trials", default=None, help="number of trials")
+    p.add_argument("--n-jobs", default=None, help="parallel trials (local)")
     p.add_argument("--objective", default=None, help="macro_accuracy | rmse")
 
     p = add("predict", cmd_predict, "Count the items in images: files, folders or s3:// prefixes.")

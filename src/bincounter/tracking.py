@@ -83,18 +83,18 @@ def log_epoch(epoch: int, metrics: dict) -> None:
     mlflow.log_metrics({k: float(metrics[k]) for k in EPOCH_METRICS if k in metrics}, step=epoch)
 
 
-def log_test(test: dict, num_classes: int, out_dir: Path) -> None:
+def log_test(test: dict, num_classes: int, out_dir: Path, prefix: str = "test") -> None:
     plots = Path(out_dir) / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    mlflow.log_metrics({f"test_{k}": float(v) for k, v in test["metrics"].items()})
+    mlflow.log_metrics({f"{prefix}_{k}": float(v) for k, v in test["metrics"].items()})
     matrix = confusion(test["targets"], test["predictions"], num_classes)
-    plot_confusion(matrix, plots / "confusion_matrix.png", "Test confusion matrix")
-    plot_per_class(test["metrics"], num_classes, plots / "per_class_accuracy.png", "Test recall per count")
+    plot_confusion(matrix, plots / "confusion_matrix.png", f"{prefix} confusion matrix")
+    plot_per_class(test["metrics"], num_classes, plots / "per_class_accuracy.png", f"{prefix} recall per count")
     rows = ["image_id,count,predicted,confidence"] + [
         f"{i},{t},{p},{prob[p]:.4f}"
         for i, t, p, prob in zip(test["ids"], test["targets"], test["predictions"], test["probabilities"])
     ]
-    (plots / "test_predictions.csv").write_text("\n".join(rows) + "\n")
+    (plots / f"{prefix}_predictions.csv").write_text("\n".join(rows) + "\n")
     mlflow.log_artifacts(str(plots), "plots")
 
 

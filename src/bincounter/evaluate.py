@@ -1,0 +1,46 @@
+"""`mlflow run . -e evaluate`: a logged model and a split -> metrics and plots in a new run."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.exceptions import MlflowException
+
+from bincounter import tracking
+from bincounter.config import Config
+from bincounter.errors import BincounterError
+from bincounter.model import load_model_dir
+
+
+def local_model_dir(model_uri: str) -> Path:
+    """Download a logged bincounter pyfunc and return its weights folder."""
+    try:
+        root = Path(mlflow.artifacts.download_artifacts(model_uri))
+    except (MlflowException, OSError) as exc:
+        raise BincounterError(f"cannot load model {model_uri}: {str(exc).splitlines()[0]}") from None
+    model_dir = root / "artifacts" / "model_dir"
+    if not model_dir.exists():
+        raise BincounterError(f"{model_uri} is not a bincounter model (no artifacts/model_dir)")
+    return model_dir
+
+
+def evaluate_model(config: Config, model_uri: str, split: str = "test") -> dict:
+    from bincounter.train import evaluate_split
+
+    split_dir = Path(config.train.data_dir) / split if split in ("train", "val", "test") else Path(split)
+    tracking.setup(config)
+    model, model_config = load_model_dir(local_model_dir(model_uri))
+    config.train.image_size = model_config["image_size"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = evaluate_split(model, split_dir, config, device)
+    name = split if split in ("train", "val", "test") else "eval"
+    with mlflow.start_run(run_name=f"evaluate-{name}"), tempfile.TemporaryDirectory() as tmp:
+        mlflow.set_tags({"model_uri": model_uri, "split": str(split_dir)})
+        tracking.log_test(result, model_config["max_count"] + 1, Path(tmp), prefix=name)
+    metrics = result["metrics"]
+    print(" ".join(f"{k}={metrics[k]:.4f}" for k in ("accuracy", "rmse", "mae", "macro_accuracy",
+                                                     "off_by_one_accuracy")))
+    return metrics

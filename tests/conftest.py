@@ -1,0 +1,190 @@
+"""Shared fixtures: a real moto_server on 127.0.0.1, a prepared copy of the real fixture images,
+and one small trained + registered model for the tests that need a model.
+
+Nothing here reaches the network: AWS is the emulator, MLflow is a sqlite file in a temp folder,
+and models are built with weights=None.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures" / "abid"
+SOURCE_BUCKET = "aft-vbi-pds"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server process exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except Exception as exc:  # noqa: BLE001
+            if getattr(exc, "code", None):  # any HTTP answer means it is up
+                return
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+class MotoServer:
+    """A moto_server process on a free loopback port, stopped by its PID."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        exe = shutil.which("moto_server")
+        cmd = [exe] if exe else [sys.executable, "-m", "moto.server"]
+        self.proc = subprocess.Popen(cmd + ["-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_http(self.url + "/moto-api/", proc=self.proc)
+
+    def reset(self) -> None:
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(self.url + "/moto-api/reset", method="POST"), timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_environment(tmp_path_factory):
+    """No test may reach a real AWS account, a model hub or a user's MLflow server."""
+    saved = dict(os.environ)
+    for key in list(os.environ):
+        if key.startswith(("AWS_", "MLFLOW_", "SM_")):
+            del os.environ[key]
+    os.environ.update({
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",  # refused at once unless a test points it at moto
+        "TORCH_HOME": str(tmp_path_factory.mktemp("torch_home")),
+        "DVC_NO_ANALYTICS": "1", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "true",
+        "SAGEMAKER_VALIDATE_ROLE": "false",
+    })
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def aws(moto_server, monkeypatch):
+    """AWS_ENDPOINT_URL pointed at the emulator, reset before the test."""
+    moto_server.reset()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.url)
+    return moto_server
+
+
+def fixture_labels() -> dict[str, int]:
+    with open(FIXTURES / "labels.csv", newline="") as handle:
+        return {row["image_id"]: int(row["expected_quantity"]) for row in csv.DictReader(handle)}
+
+
+def seed_bucket(bucket: str = SOURCE_BUCKET, ids=None) -> list[str]:
+    """Upload fixture images + metadata into an emulator bucket in the ABID layout."""
+    from bincounter.storage import s3_client
+
+    client = s3_client()
+    client.create_bucket(Bucket=bucket)
+    ids = list(ids or fixture_labels())
+    for image_id in ids:
+        client.upload_file(str(FIXTURES / "bin-images" / f"{image_id}.jpg"), bucket, f"bin-images/{image_id}.jpg")
+        client.upload_file(str(FIXTURES / "metadata" / f"{image_id}.json"), bucket, f"metadata/{image_id}.json")
+    return ids
+
+
+def write_manifest(path: Path, ids) -> Path:
+    path.write_text(json.dumps(list(ids)))
+    return path
+
+
+def make_config(root: Path, **overrides):
+    """A Config whose every path lives under root (tests never write into the checkout)."""
+    from bincounter.config import load_config
+
+    base = {
+        "data.source": str(FIXTURES), "data.subset": str(write_manifest(root / "manifest.json", fixture_labels())),
+        "data.raw_dir": str(root / "data/raw"), "data.workers": 8,
+        "split.out_dir": str(root / "data/splits"), "split.eda_dir": str(root / "data/eda"),
+        "prepare.image_size": 72, "prepare.out_dir": str(root / "data/prepared"), "prepare.workers": 1,
+        "sync.out": str(root / "data/sync.json"),
+        "train.arch": "resnet18", "train.pretrained": False, "train.image_size": 64, "train.epochs": 1,
+        "train.batch_size": 8, "train.num_workers": 0, "train.profile_steps": 2,
+        "train.data_dir": str(root / "data/prepared"), "train.checkpoint_dir": str(root / "checkpoints"),
+        "mlflow.tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "mlflow.experiment": "tests",
+        "hpo.storage": f"sqlite:///{root / 'optuna.db'}",
+    }
+    base.update(overrides)
+    return load_config(root / "no-params.yaml", base)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """The fixture images fetched, split and prepared once (72 px) for every test that trains."""
+    from bincounter.fetch import fetch
+    from bincounter.prepare import prepare
+    from bincounter.split import split
+
+    root = tmp_path_factory.mktemp("prepared")
+    config = make_config(root)
+    fetch(config.data)
+    split(config)
+    prepare(config)
+    return root
+
+
+def config_on(prepared: Path, root: Path, **overrides):
+    """A Config reading the shared prepared data, writing MLflow/checkpoints under root."""
+    return make_config(root, **{
+        "data.raw_dir": str(prepared / "data/raw"), "split.out_dir": str(prepared / "data/splits"),
+        "prepare.out_dir": str(prepared / "data/prepared"), "train.data_dir": str(prepared / "data/prepared"),
+        **overrides,
+    })
+
+
+@pytest.fixture(scope="session")
+def trained(prepared, tmp_path_factory):
+    """One tiny model trained on the fixtures and registered as bin-counter@champion in its own store."""
+    import mlflow
+
+    from bincounter.train import run_training
+
+    root = tmp_path_factory.mktemp("trained")
+    config = config_on(prepared, root, **{"train.epochs": 2})
+    outcome = run_training(config)
+    mlflow.set_tracking_uri(config.mlflow.tracking_uri)
+    return {"config": config, "outcome": outcome, "root": root, "tracking_uri": config.mlflow.tracking_uri}
