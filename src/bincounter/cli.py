@@ -116,7 +116,10 @@ def cmd_hpo(args):
     from bincounter.config import load_config
 
     overrides = {"hpo.n_trials": args.n_trials, "hpo.n_jobs": args.n_jobs, "hpo.objective": args.objective}
-    run_hpo(load_config(args.params, {**_overrides(args, TRAIN_FLAGS), **overrides}))
+    config = load_config(args.params, {**_overrides(args, TRAIN_FLAGS), **overrides})
+    # search dimensions given on the command line (e.g. -P arch=resnet18) are pinned, not searched
+    pinned = {name for name in config.hpo.space if getattr(args, name, None) not in (None, "")}
+    run_hpo(config, pinned)
 
 
 def cmd_predict(args):

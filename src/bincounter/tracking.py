@@ -31,18 +31,34 @@ def setup(config: Config) -> None:
 
 
 @contextlib.contextmanager
-def maybe_run(config: Config, enabled: bool = True, nested: bool = False, run_name: str | None = None):
+def maybe_run(config: Config, enabled: bool = True, nested: bool = False, run_name: str | None = None,
+              parent_run_id: str | None = None):
+    """An MLflow run around the block (None when tracking is off); FAILED on error, KILLED on Ctrl-C or
+    when an HPO trial is pruned. parent_run_id makes a nested run from any thread (HPO with n_jobs > 1)."""
     if not enabled:
         yield None
         return
     setup(config)
-    run = mlflow.start_run(nested=nested, run_name=run_name, log_system_metrics=True)
+    if parent_run_id:
+        run = mlflow.start_run(run_name=run_name, nested=True, parent_run_id=parent_run_id,
+                               experiment_id=mlflow.get_run(parent_run_id).info.experiment_id,
+                               log_system_metrics=True)
+    else:
+        run = mlflow.start_run(nested=nested, run_name=run_name, log_system_metrics=True)
     try:
         log_params(config)
         mlflow.set_tags(lineage_tags())
         yield run
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
+        raise
+    except Exception as exc:
+        if type(exc).__name__ == "TrialPruned":
+            mlflow.set_tag("pruned", "true")
+            mlflow.end_run("KILLED")
+        else:
+            mlflow.set_tag("error", str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__)
+            mlflow.end_run("FAILED")
         raise
     except BaseException:
         mlflow.end_run("FAILED")

@@ -341,7 +341,8 @@ def data_dirs_for(config: Config) -> dict[str, Path]:
 
 
 def run_training(config: Config, resume: bool = False, *, nested: bool = False, on_epoch=None,
-                 register: bool = True, run_name: str | None = None) -> TrainOutcome:
+                 register: bool = True, run_name: str | None = None,
+                 parent_run_id: str | None = None) -> TrainOutcome:
     """Train, evaluate on test, profile, log everything to MLflow and register the model."""
     if config.train.backend == "sagemaker" and not sagemaker_env.in_container():
         from bincounter.sagemaker_backend import launch_training
@@ -362,7 +363,8 @@ def run_training(config: Config, resume: bool = False, *, nested: bool = False, 
         model_dir = Path(model_dir or Path(scratch) / "model")
         output_dir = Path(output_dir or Path(scratch) / "output")
         profile_dir = output_dir / "profile"
-        with tracking.maybe_run(config, enabled=track and rank == 0, nested=nested, run_name=run_name) as run:
+        with tracking.maybe_run(config, enabled=track and rank == 0, nested=nested, run_name=run_name,
+                                parent_run_id=parent_run_id) as run:
             def log_epoch(epoch: int, metrics: dict) -> None:
                 if run is not None:
                     tracking.log_epoch(epoch, metrics)

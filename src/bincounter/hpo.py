@@ -1,0 +1,148 @@
+"""Hyperparameter search: Optuna locally, SageMaker's tuner remotely, over the one space in params.yaml.
+
+Local: TPE sampler, median pruning on the per-epoch validation objective, each trial a nested MLflow
+run under one parent, failed trials recorded and skipped, the study resumable from its sqlite storage.
+The best trial's model (already evaluated on test with its profile) is registered and may become champion.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import optuna
+
+from bincounter import tracking
+from bincounter.config import Config, with_overrides
+from bincounter.errors import BincounterError
+
+MAXIMISE = {"macro_accuracy": True, "rmse": False}
+
+
+def suggest(trial: optuna.Trial, space: dict[str, dict]) -> dict:
+    params = {}
+    for name, spec in space.items():
+        kind = spec.get("type")
+        if kind == "float":
+            params[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=spec.get("log", False))
+        elif kind == "int":
+            params[name] = trial.suggest_int(name, int(spec["low"]), int(spec["high"]), log=spec.get("log", False))
+        elif kind == "categorical":
+            params[name] = trial.suggest_categorical(name, list(spec["choices"]))
+        else:
+            raise BincounterError(f"hpo.space.{name}: type must be float, int or categorical, got {kind!r}")
+    return params
+
+
+def make_study(config: Config) -> optuna.Study:
+    direction = "maximize" if MAXIMISE[config.hpo.objective] else "minimize"
+    return optuna.create_study(
+        study_name=config.hpo.study_name, storage=config.hpo.storage, load_if_exists=True, direction=direction,
+        sampler=optuna.samplers.TPESampler(seed=config.train.seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+    )
+
+
+def objective_fn(config: Config, parent_run_id: str, pinned: set[str], checkpoints: Path):
+    from bincounter.train import run_training
+
+    name = config.hpo.objective
+    space = {k: v for k, v in config.hpo.space.items() if k not in pinned}
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, space)
+        overrides = {f"train.{k}": v for k, v in params.items()}
+        overrides["train.checkpoint_dir"] = str(checkpoints / f"trial-{trial.number}")
+        trial_config = with_overrides(config, overrides)
+
+        def report(epoch: int, metrics: dict) -> None:
+            trial.report(metrics[name], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {epoch} ({name}={metrics[name]:.4f})")
+
+        outcome = run_training(trial_config, nested=True, parent_run_id=parent_run_id, register=False,
+                               on_epoch=report, run_name=f"trial-{trial.number}")
+        trial.set_user_attr("run_id", outcome.run_id)
+        trial.set_user_attr("model_uri", outcome.model_uri)
+        value = outcome.val_metrics.get(name, math.nan)
+        if not math.isfinite(value):
+            raise BincounterError(f"trial {trial.number}: objective {name} is {value}")
+        return value
+
+    return objective
+
+
+def run_hpo(config: Config, pinned: set[str] | None = None) -> dict:
+    if config.train.backend == "sagemaker":
+        from bincounter.sagemaker_backend import launch_tuning
+
+        return launch_tuning(config)
+    if not config.hpo.space:
+        raise BincounterError("hpo.space in params.yaml is empty: nothing to search")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = make_study(config)
+    done = [t for t in study.trials if t.state.is_finished()]
+    remaining = max(config.hpo.n_trials - len(done), 0)
+    if done:
+        print(f"hpo: study {config.hpo.study_name} resumes with {len(done)} finished trials, {remaining} to go")
+    with tracking.maybe_run(config, run_name="hpo") as parent, tempfile.TemporaryDirectory() as scratch:
+        mlflow.set_tags({"hpo.study": config.hpo.study_name, "hpo.objective": config.hpo.objective})
+        objective = objective_fn(config, parent.info.run_id, pinned or set(), Path(scratch))
+        study.optimize(objective, n_trials=remaining, n_jobs=max(1, config.hpo.n_jobs), catch=(Exception,),
+                       show_progress_bar=True, gc_after_trial=True)
+        return summarise(config, study, Path(scratch))
+
+
+def summarise(config: Config, study: optuna.Study, out_dir: Path) -> dict:
+    states = [t.state.name for t in study.trials]
+    counts = {s: states.count(s) for s in ("COMPLETE", "PRUNED", "FAIL")}
+    mlflow.log_metrics({f"trials_{k.lower()}": v for k, v in counts.items()})
+    print(f"hpo: {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed")
+    if counts["COMPLETE"] == 0:
+        raise BincounterError("hpo: no trial completed (see the failed trial runs in MLflow)")
+    best = study.best_trial
+    mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
+    mlflow.log_metric(f"best_{config.hpo.objective}", best.value)
+    mlflow.set_tag("best_trial_run_id", best.user_attrs.get("run_id", ""))
+    log_plots(study, out_dir)
+    version, champion = register_best(config, best)
+    print(f"hpo: best trial {best.number} {config.hpo.objective}={best.value:.4f} params={best.params}")
+    return {"best_value": best.value, "best_params": best.params, "version": version, "champion": champion,
+            "counts": counts}
+
+
+def register_best(config: Config, best: optuna.trial.FrozenTrial) -> tuple[str | None, bool]:
+    model_uri, run_id = best.user_attrs.get("model_uri"), best.user_attrs.get("run_id")
+    if not model_uri:
+        return None, False
+    version = mlflow.register_model(model_uri, config.mlflow.model_name).version
+    test_metrics = mlflow.get_run(run_id).data.metrics
+    metrics = {k.removeprefix("test_"): v for k, v in test_metrics.items() if k.startswith("test_")}
+    return tracking.promote(config, SimpleNamespace(registered_model_version=version), metrics)
+
+
+def log_plots(study: optuna.Study, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ov
+
+    plots = {"optimization_history.png": ov.plot_optimization_history}
+    if len([t for t in study.trials if t.state.name == "COMPLETE"]) >= 2 and len(study.best_trial.params) > 1:
+        plots["param_importances.png"] = ov.plot_param_importances
+    for filename, plot in plots.items():
+        try:
+            axes = plot(study)
+        except (ValueError, RuntimeError) as exc:  # e.g. importances undefined when every trial scored the same
+            print(f"hpo: skipped {filename}: {exc}")
+            continue
+        figure = axes.figure if hasattr(axes, "figure") else plt.gcf()
+        figure.set_size_inches(8, 5)
+        figure.tight_layout()
+        figure.savefig(out_dir / filename, dpi=100)
+        plt.close(figure)
+        mlflow.log_artifact(str(out_dir / filename), "hpo")
