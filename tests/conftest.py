@@ -120,11 +120,19 @@ def seed_bucket(bucket: str = SOURCE_BUCKET, ids=None) -> list[str]:
 
     client = s3_client()
     client.create_bucket(Bucket=bucket)
+    public_read(client, bucket)
     ids = list(ids or fixture_labels())
     for image_id in ids:
         client.upload_file(str(FIXTURES / "bin-images" / f"{image_id}.jpg"), bucket, f"bin-images/{image_id}.jpg")
         client.upload_file(str(FIXTURES / "metadata" / f"{image_id}.json"), bucket, f"metadata/{image_id}.json")
     return ids
+
+
+def public_read(client, bucket: str) -> None:
+    """Like the real aft-vbi-pds: anyone may list and read, so unsigned clients work."""
+    client.put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": "*", "Action": ["s3:GetObject", "s3:ListBucket"],
+         "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]}]}))
 
 
 def write_manifest(path: Path, ids) -> Path:

@@ -40,6 +40,7 @@ def sync(config: Config) -> dict:
         print("sync: sync.s3_uri is empty; recorded local only")
     else:
         record = {"mode": "s3", "channels": _upload(prepared, config.sync.s3_uri)}
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     return record
 

@@ -1,0 +1,144 @@
+"""Stages split, prepare and sync, and the whole pipeline under a real `dvc repro` against the emulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FIXTURES, SOURCE_BUCKET, fixture_labels, make_config, seed_bucket, write_manifest
+from PIL import Image
+
+from bincounter.fetch import fetch
+from bincounter.images import decode_and_resize
+from bincounter.prepare import load_prepared, prepare
+from bincounter.split import _cut_sizes, read_split, split, stratified_split
+from bincounter.storage import s3_client
+from bincounter.sync import sync
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_split_is_stratified_seeded_and_rejects_with_reasons(prepared):
+    labels = fixture_labels()
+    splits = {name: read_split(prepared / f"data/splits/{name}.csv") for name in ("train", "val", "test")}
+    usable = {i: c for i, c in labels.items() if c <= 5}
+    assert sorted(i for rows in splits.values() for i, _ in rows) == sorted(usable)
+    for name, rows in splits.items():
+        assert all(usable[i] == c for i, c in rows)
+    for count in set(usable.values()):
+        n = sum(1 for c in usable.values() if c == count)
+        sizes = [sum(1 for _, c in splits[s] if c == count) for s in ("train", "val", "test")]
+        assert sizes == _cut_sizes(n, [0.6, 0.2, 0.2])
+        assert all(abs(size - n * f) < 1 for size, f in zip(sizes, (0.6, 0.2, 0.2)))
+    rejects = (prepared / "data/splits/rejects.csv").read_text().splitlines()[1:]
+    over = {i for i, c in labels.items() if c > 5}
+    assert {r.split(",")[0] for r in rejects} == over
+    assert all("above data.max_count=5" in r for r in rejects)
+
+
+def test_split_seed_changes_assignment_not_sizes():
+    labels = {f"{i:05d}": i % 3 for i in range(60)}
+    a = stratified_split(labels, [0.6, 0.2, 0.2], seed=1)
+    assert a == stratified_split(labels, [0.6, 0.2, 0.2], seed=1)
+    b = stratified_split(labels, [0.6, 0.2, 0.2], seed=2)
+    assert a != b and {k: len(v) for k, v in a.items()} == {k: len(v) for k, v in b.items()} == \
+        {"train": 36, "val": 12, "test": 12}
+
+
+def test_eda_report_is_written(prepared):
+    eda = prepared / "data/eda"
+    summary = json.loads((eda / "summary.json").read_text())
+    assert summary["images"] == sum(1 for c in fixture_labels().values() if c <= 5)
+    assert summary["per_count"]["0"] == 5 and summary["median_width"] > 100
+    for png in ("class_balance.png", "image_sizes.png", "samples.png"):
+        with Image.open(eda / png) as image:
+            assert image.size[0] > 300
+    assert (eda / "class_counts.csv").read_text().startswith("count,train,val,test")
+
+
+def test_prepare_stores_each_image_once_resized(prepared):
+    images, ids, counts = load_prepared(prepared / "data/prepared/val")
+    rows = read_split(prepared / "data/splits/val.csv")
+    assert ids == [i for i, _ in rows] and counts.tolist() == [c for _, c in rows]
+    assert images.shape == (len(rows), 72, 72, 3) and images.dtype == np.uint8
+    expected = decode_and_resize((FIXTURES / "bin-images" / f"{ids[0]}.jpg").read_bytes(), 72)
+    assert np.array_equal(images[0], expected)
+    assert json.loads((prepared / "data/prepared/meta.json").read_text())["image_size"] == 72
+
+
+def test_sync_uploads_channels_incrementally(aws, prepared, tmp_path, capsys):
+    s3_client().create_bucket(Bucket="sm-data")
+    config = make_config(tmp_path, **{"prepare.out_dir": str(prepared / "data/prepared"),
+                                      "sync.s3_uri": "s3://sm-data/abid/v1"})
+    record = sync(config)
+    assert record["channels"] == {ch: f"s3://sm-data/abid/v1/{ch}/" for ch in ("train", "validation", "test")}
+    keys = {o["Key"] for o in s3_client().list_objects_v2(Bucket="sm-data")["Contents"]}
+    assert "abid/v1/validation/images.npy" in keys and "abid/v1/train/labels.csv" in keys
+    assert "uploaded 7" in capsys.readouterr().out
+    sync(config)
+    assert "uploaded 0, unchanged 7" in capsys.readouterr().out
+    assert json.loads(Path(config.sync.out).read_text()) == record
+
+
+def test_sync_without_uri_records_local_only(prepared, tmp_path):
+    config = make_config(tmp_path, **{"prepare.out_dir": str(prepared / "data/prepared")})
+    assert sync(config)["mode"] == "local only"
+
+
+def _project_copy(tmp_path: Path) -> Path:
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("dvc.yaml", "params.yaml", "src"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, project / name)
+    return project
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    return result
+
+
+@pytest.mark.slow
+def test_dvc_repro_status_refetch_push_pull(aws, tmp_path):
+    """The acceptance path: dvc repro on emulator data, clean status, re-fetch deleted files, push/pull."""
+    import yaml
+
+    ids = seed_bucket()
+    s3 = s3_client()
+    s3.create_bucket(Bucket="sm-data")
+    s3.create_bucket(Bucket="dvc-store")
+    project = _project_copy(tmp_path)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"].update(subset=str(write_manifest(tmp_path / "manifest.json", ids)), workers=8)
+    params["prepare"].update(image_size=64, workers=1)
+    params["sync"]["s3_uri"] = "s3://sm-data/abid"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro"]):
+        _run(cmd, project)
+    counts = Counter()
+    for name in ("train", "val", "test"):
+        counts.update({name: len(read_split(project / f"data/splits/{name}.csv"))})
+    assert sum(counts.values()) == sum(1 for c in fixture_labels().values() if c <= 5)
+    assert (project / "data/prepared/train/images.npy").exists()
+    assert json.loads((project / "data/sync.json").read_text())["mode"] == "s3"
+    assert "up to date" in _run(["dvc", "status"], project).stdout.lower()
+
+    for image_id in ids[:2]:
+        (project / "data/raw/bin-images" / f"{image_id}.jpg").unlink()
+    _run(["dvc", "repro"], project)
+    assert all((project / "data/raw/bin-images" / f"{i}.jpg").exists() for i in ids[:2])
+    assert "up to date" in _run(["dvc", "status"], project).stdout.lower()
+
+    _run(["dvc", "remote", "add", "-d", "store", "s3://dvc-store/cache"], project)
+    _run(["dvc", "push"], project)
+    shutil.rmtree(project / "data/prepared")
+    shutil.rmtree(project / ".dvc/cache")
+    _run(["dvc", "pull"], project)
+    assert load_prepared(project / "data/prepared/test")[0].shape[1:] == (64, 64, 3)
