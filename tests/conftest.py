@@ -87,6 +87,7 @@ def _offline_environment(tmp_path_factory):
         "AWS_ENDPOINT_URL": "http://127.0.0.1:9",  # refused at once unless a test points it at moto
         "TORCH_HOME": str(tmp_path_factory.mktemp("torch_home")),
         "DVC_NO_ANALYTICS": "1", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "true",
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5", "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1",
         "SAGEMAKER_VALIDATE_ROLE": "false",
     })
     yield

@@ -1,0 +1,212 @@
+"""Training, tracking, the pyfunc contract, resume, profiles and rules."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import FIXTURES, config_on, fixture_labels
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from torch.utils.data import DataLoader, Dataset
+
+from bincounter import tracking
+from bincounter.cli import main
+from bincounter.errors import BincounterError
+from bincounter.model import build_model
+from bincounter.profiling import RunHistory, check_rules
+from bincounter.train import CHECKPOINT_FILE, count_loss, fit, train_one_epoch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def b64(image_id: str) -> str:
+    return base64.b64encode((FIXTURES / "bin-images" / f"{image_id}.jpg").read_bytes()).decode()
+
+
+def rule(results, name):
+    return next(r for r in results if r.name == name)
+
+
+def test_run_logs_metrics_params_lineage_plots_and_profile(trained):
+    run = mlflow.get_run(trained["outcome"].run_id)
+    metrics = run.data.metrics
+    for name in ("accuracy", "rmse", "mae", "macro_accuracy", "off_by_one_accuracy", "train_loss", "val_loss",
+                 "test_accuracy", "test_rmse", "test_macro_accuracy", "test_class_1_accuracy"):
+        assert name in metrics, name
+    history = MlflowClient().get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in history] == [1, 2]
+    assert any(k.startswith("system/") for k in metrics), "system metrics are logged"
+    assert run.data.params["train.arch"] == "resnet18"
+    assert len(run.data.tags["git_commit"]) == 40
+    assert run.data.tags["rule.loss_not_decreasing"] in ("pass", "fail")
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/confusion_matrix.png", "plots/per_class_accuracy.png"} <= artifacts
+    profile = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "profile")}
+    assert {"profile/report.md", "profile/trace.json", "profile/top_operators.txt"} <= profile
+    report = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="profile/report.md"))
+    assert "| data_bottleneck |" in report.read_text()
+
+
+def test_registered_champion_counts_real_images_through_the_contract(trained):
+    model = mlflow.pyfunc.load_model("models:/bin-counter@champion")
+    ids = list(fixture_labels())[:5]
+    out = model.predict(pd.DataFrame({"image": [b64(i) for i in ids]}))
+    assert list(out.columns) == ["count", "confidence", "probabilities"] and len(out) == 5
+    for _, row in out.iterrows():
+        probs = np.array(row["probabilities"])
+        assert probs.shape == (6,) and abs(probs.sum() - 1) < 1e-4
+        assert row["count"] == probs.argmax() and abs(row["confidence"] - probs.max()) < 1e-6
+    # any size, PNG too: the model resizes itself
+    from io import BytesIO
+
+    from PIL import Image
+
+    buffer = BytesIO()
+    Image.open(FIXTURES / "bin-images" / f"{ids[0]}.jpg").resize((123, 321)).save(buffer, "PNG")
+    png = model.predict(pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode()]}))
+    assert 0 <= png["count"][0] <= 5
+
+
+@pytest.mark.parametrize("rows, message", [
+    (["not base64 at all!"], "row 0: 'image' is not valid base64"),
+    (["__VALID__", base64.b64encode(b"just some text").decode()], "row 1: not an image"),
+])
+def test_bad_rows_raise_an_error_naming_the_row(trained, rows, message):
+    model = mlflow.pyfunc.load_model("models:/bin-counter@champion")
+    rows = [b64(list(fixture_labels())[0]) if r == "__VALID__" else r for r in rows]
+    with pytest.raises(MlflowException, match=message):
+        model.predict(pd.DataFrame({"image": rows}))
+
+
+def test_champion_alias_moves_only_when_beaten(trained):
+    config, client = trained["config"], MlflowClient()
+    uri = trained["outcome"].model_uri
+    current = client.get_model_version_by_alias("bin-counter", "champion")
+    best = float(current.tags["test_macro_accuracy"])
+    worse = mlflow.register_model(uri, "bin-counter").version
+    _, promoted = tracking.promote(config, SimpleNamespace(registered_model_version=worse),
+                                   {"macro_accuracy": best - 0.1})
+    assert not promoted and client.get_model_version_by_alias("bin-counter", "champion").version == current.version
+    better = mlflow.register_model(uri, "bin-counter").version
+    _, promoted = tracking.promote(config, SimpleNamespace(registered_model_version=better),
+                                   {"macro_accuracy": best + 0.1})
+    assert promoted and str(client.get_model_version_by_alias("bin-counter", "champion").version) == str(better)
+
+
+def test_resume_continues_from_the_saved_epoch(prepared, tmp_path, capsys):
+    config = config_on(prepared, tmp_path, **{"train.epochs": 1, "train.profile_steps": 0})
+    dirs = {n: prepared / "data/prepared" / n for n in ("train", "val", "test")}
+    first = fit(config, dirs)
+    assert len(first.epoch_metrics) == 1
+    assert torch.load(tmp_path / "checkpoints" / CHECKPOINT_FILE, weights_only=False)["epoch"] == 1
+    config.train.epochs = 2
+    second = fit(config, dirs, resume=True)
+    assert "continuing after epoch 1" in capsys.readouterr().out
+    assert len(second.epoch_metrics) == 2 and second.epoch_metrics[0] == first.epoch_metrics[0]
+    assert torch.load(tmp_path / "checkpoints" / CHECKPOINT_FILE, weights_only=False)["epoch"] == 2
+
+
+def test_zero_learning_rate_fires_loss_not_decreasing(prepared, tmp_path):
+    config = config_on(prepared, tmp_path, **{"train.epochs": 3, "train.lr": 0, "train.profile_steps": 0,
+                                               "train.augment": 0})
+    result = fit(config, {n: prepared / "data/prepared" / n for n in ("train", "val", "test")})
+    assert rule(check_rules(result.history), "loss_not_decreasing").status == "fail"
+
+
+def test_rules_on_crafted_histories():
+    falling = RunHistory(step_losses=[2.0 - 0.1 * i for i in range(12)], grad_norms=[1.0] * 12,
+                         data_seconds=1, compute_seconds=9, train_loss=[2, 1.5, 1.0, 0.5], val_loss=[2, 1.2, 1.5, 1.9])
+    results = check_rules(falling)
+    assert rule(results, "loss_not_decreasing").status == "pass"
+    assert rule(results, "overfit").status == "fail"
+    assert rule(results, "data_bottleneck").status == "pass"
+    assert rule(results, "low_gpu_utilization").status == "skipped"
+    broken = RunHistory(step_losses=[1.0] * 5, grad_norms=[1e-9, float("inf"), 1e-9, 1e-9])
+    assert rule(check_rules(broken), "exploding_gradient").status == "fail"
+    assert rule(check_rules(broken), "vanishing_gradient").status == "fail"
+
+
+class SleepyDataset(Dataset):
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, index):
+        time.sleep(0.25)
+        return torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8), torch.tensor(index % 3)
+
+
+def test_sleeping_data_loader_fires_data_bottleneck(tmp_path):
+    config = config_on(tmp_path, tmp_path)
+    model = build_model("resnet18", 6)
+    history = RunHistory()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    train_one_epoch(model, DataLoader(SleepyDataset(), batch_size=4), optimizer, torch.device("cpu"),
+                    config.train, None, history, show_progress=False)
+    result = rule(check_rules(history), "data_bottleneck")
+    assert result.status == "fail" and "waiting for data" in result.evidence
+
+
+def test_emd_loss_charges_more_for_being_further_off():
+    config = SimpleNamespace(loss="emd", emd_weight=1.0)
+    target = torch.tensor([0])
+    near = torch.tensor([[0.0, 5.0, 0.0, 0.0, 0.0, 0.0]])
+    far = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 5.0]])
+    assert count_loss(far, target, config, None) > count_loss(near, target, config, None)
+    ce = SimpleNamespace(loss="ce", emd_weight=1.0)
+    assert torch.isclose(count_loss(far, target, ce, None), count_loss(near, target, ce, None))
+
+
+def test_pretrained_offline_says_how_to_pass_a_local_file(monkeypatch):
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # fail fast and stay offline
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    with pytest.raises(BincounterError, match="--weights-path"):
+        build_model("resnet18", 6, pretrained=True)
+
+
+def test_weights_path_loads_a_local_state_dict(tmp_path):
+    import torchvision
+
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "r18.pth")
+    model = build_model("resnet18", 6, weights_path=str(tmp_path / "r18.pth"))
+    assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
+    assert model.backbone.fc.out_features == 6
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    code = main(["train", "--params", str(tmp_path / "none.yaml"), "--optimizer", "rmsprop"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err == "error: train.optimizer must be adamw or sgd, got 'rmsprop'"
+    code = main(["train", "--params", str(tmp_path / "none.yaml"), "--data-dir", str(tmp_path / "nothing")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "run `dvc repro` first" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_mlflow_run_trains_and_registers(prepared, tmp_path):
+    """The documented command: mlflow run . --env-manager local -P epochs=1 -P arch=resnet18 ..."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # no experiment id leaks in
+    env["MLFLOW_TRACKING_URI"] = uri
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
+           "-P", "epochs=1", "-P", "arch=resnet18", "-P", "image_size=64", "-P", "pretrained=false",
+           "-P", "batch_size=8", "-P", f"data_dir={prepared / 'data/prepared'}",
+           "-P", f"checkpoint_dir={tmp_path / 'ckpt'}"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) == 1 and runs["status"][0] == "FINISHED"
+    assert {"metrics.accuracy", "metrics.rmse"} <= set(runs.columns)
+    assert str(MlflowClient().get_model_version_by_alias("bin-counter", "champion").version) == "1"
