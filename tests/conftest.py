@@ -185,15 +185,36 @@ def config_on(prepared: Path, root: Path, **overrides):
     })
 
 
-@pytest.fixture(scope="session")
-def trained(prepared, tmp_path_factory):
-    """One tiny model trained on the fixtures and registered as bin-counter@champion in its own store."""
-    import mlflow
+MLFLOW_PROCESS_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")
 
+
+@pytest.fixture(autouse=True)
+def _fresh_mlflow_state():
+    """mlflow.set_tracking_uri/set_experiment export MLFLOW_* variables; each test starts without them."""
+    for key in MLFLOW_PROCESS_VARS:
+        os.environ.pop(key, None)
+    yield
+    for key in MLFLOW_PROCESS_VARS:
+        os.environ.pop(key, None)
+
+
+@pytest.fixture(scope="session")
+def _trained_once(prepared, tmp_path_factory):
     from bincounter.train import run_training
 
     root = tmp_path_factory.mktemp("trained")
     config = config_on(prepared, root, **{"train.epochs": 2})
     outcome = run_training(config)
-    mlflow.set_tracking_uri(config.mlflow.tracking_uri)
+    for key in MLFLOW_PROCESS_VARS:
+        os.environ.pop(key, None)
     return {"config": config, "outcome": outcome, "root": root, "tracking_uri": config.mlflow.tracking_uri}
+
+
+@pytest.fixture
+def trained(_trained_once):
+    """One tiny model trained on the fixtures (once per session) and registered as bin-counter@champion in
+    its own sqlite store, which is the current tracking URI for the test."""
+    import mlflow
+
+    mlflow.set_tracking_uri(_trained_once["tracking_uri"])
+    return _trained_once
