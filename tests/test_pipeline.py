@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from collections import Counter
@@ -11,13 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, SOURCE_BUCKET, fixture_labels, make_config, seed_bucket, write_manifest
+from conftest import FIXTURES, fixture_labels, make_config, seed_bucket, write_manifest
 from PIL import Image
 
-from bincounter.fetch import fetch
 from bincounter.images import decode_and_resize
-from bincounter.prepare import load_prepared, prepare
-from bincounter.split import _cut_sizes, read_split, split, stratified_split
+from bincounter.prepare import load_prepared
+from bincounter.split import _cut_sizes, read_split, stratified_split
 from bincounter.storage import s3_client
 from bincounter.sync import sync
 
