@@ -1,0 +1,86 @@
+"""Prepare throughput (images/s per core) and bytes on disk per image, with bincounter's own stages.
+
+    python benchmarks/bench_prepare.py [--sample ../shared/abid-sample] [--n 500] [--sizes 256 128] [--workers 1]
+
+Builds a temp data/raw + data/splits by calling bincounter.fetch (data.source = the sample folder,
+a manifest of ids with counts <= 5) and bincounter.split, then times bincounter.prepare per size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SAMPLE = str(REPO / ".." / "shared" / "abid-sample")
+
+
+def sample_ids(sample: Path, n: int, max_count: int = 5) -> list[str]:
+    with open(sample / "labels.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if int(r["expected_quantity"]) <= max_count]
+    return sorted(r["image_id"] for r in rows)[:n]
+
+
+def make_config(root: Path, sample: Path, ids: list[str], **overrides):
+    from bincounter.config import load_config
+
+    manifest = root / "manifest.json"
+    manifest.write_text(json.dumps(ids))
+    return load_config(root / "no-params.yaml", {
+        "data.source": str(sample), "data.subset": str(manifest), "data.raw_dir": str(root / "raw"),
+        "data.workers": 8, "split.out_dir": str(root / "splits"), "split.eda_dir": str(root / "eda"),
+        "prepare.out_dir": str(root / "prepared"), **overrides})
+
+
+def build_splits(root: Path, sample: Path, ids: list[str], **overrides):
+    """fetch (local source) + split into root; returns the config."""
+    from bincounter.fetch import fetch
+    from bincounter.split import split
+
+    config = make_config(root, sample, ids, **overrides)
+    fetch(config.data)
+    split(config)
+    return config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sample", default=DEFAULT_SAMPLE)
+    parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 128])
+    parser.add_argument("--workers", type=int, default=1, help="prepare processes (1 = a clean per-core figure)")
+    args = parser.parse_args()
+    from bincounter.config import with_overrides
+    from bincounter.prepare import prepare
+
+    sample = Path(args.sample)
+    ids = sample_ids(sample, args.n)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        config = build_splits(root, sample, ids)
+        jpeg_bytes = sum((root / "raw" / "bin-images" / f"{i}.jpg").stat().st_size for i in ids) / len(ids)
+        for size in args.sizes:
+            out = root / f"prepared{size}"
+            cfg = with_overrides(config, {"prepare.image_size": size, "prepare.out_dir": str(out),
+                                          "prepare.workers": args.workers})
+            t0 = time.perf_counter()
+            stats = prepare(cfg)
+            seconds = time.perf_counter() - t0
+            on_disk = sum(p.stat().st_size for p in out.rglob("images.npy"))
+            results.append((size, stats["images"], seconds, stats["images"] / seconds / args.workers,
+                            on_disk / stats["images"]))
+    print(f"\n{len(ids)} sample images (counts 0-5), mean JPEG {jpeg_bytes / 1e3:.1f} kB; "
+          f"prepare.workers={args.workers}, cpu cores {os.cpu_count()}")
+    print("size  images  seconds  images/s/core  bytes/image on disk (images.npy)")
+    for size, n, seconds, rate, per_image in results:
+        print(f"{size:4d}  {n:6d}  {seconds:7.1f}  {rate:13.1f}  {per_image:10.0f}")
+
+
+if __name__ == "__main__":
+    main()
