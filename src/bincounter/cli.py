@@ -48,7 +48,9 @@ def _add_params_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_flags(parser: argparse.ArgumentParser, flags: dict[str, tuple[str, Any, str]]) -> None:
     for name, (_, kind, help_text) in flags.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text)
+        # --batch-size, and --batch_size as SageMaker passes hyperparameters
+        options = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+        parser.add_argument(*options, dest=name, type=kind, default=None, help=help_text)
 
 
 def _overrides(args: argparse.Namespace, flags: dict[str, tuple[str, Any, str]] | None = None) -> dict[str, Any]:
@@ -198,7 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from bincounter import sagemaker_env
+
+    if sagemaker_env.in_container():
+        # a SageMaker job passes every hyperparameter as --name value; those without a flag still arrive
+        # through SM_HPS (sagemaker_env.apply), so they must not stop the job here
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:
+            print(f"note: arguments without a flag (applied from SM_HPS if known): {' '.join(unknown)}")
+    else:
+        args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except BincounterError as exc:

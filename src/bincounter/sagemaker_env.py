@@ -14,7 +14,10 @@ from pathlib import Path
 from bincounter.config import Config, with_overrides
 from bincounter.errors import BincounterError
 
-CHECKPOINT_DIR = "/opt/ml/checkpoints"
+CHECKPOINT_DIR = "/opt/ml/checkpoints"  # SageMaker syncs it with CheckpointConfig.S3Uri; SM_CHECKPOINT_DIR overrides
+# "false": the job's own MLflow run (when MLFLOW_TRACKING_URI is set) does not register the model, because
+# the launching side registers it from model.tar.gz (bincounter.sagemaker_backend sets this).
+REGISTER_ENV = "BINCOUNTER_REGISTER_MODEL"
 # hyperparameter name (as SageMaker passes it) -> params key
 HP_KEYS = {
     "arch": "train.arch", "pretrained": "train.pretrained", "epochs": "train.epochs",
@@ -29,6 +32,10 @@ HP_KEYS = {
 
 def in_container() -> bool:
     return "SM_MODEL_DIR" in os.environ and "SM_CHANNEL_TRAIN" in os.environ
+
+
+def register_model() -> bool:
+    return os.environ.get(REGISTER_ENV, "true").strip().lower() not in ("false", "0", "no")
 
 
 def hyperparameters() -> dict[str, str]:

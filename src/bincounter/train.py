@@ -352,6 +352,7 @@ def run_training(config: Config, resume: bool = False, *, nested: bool = False, 
     if container:
         config, data_dirs, model_dir, output_dir = sagemaker_env.apply(config)
         resume = True  # spot interruptions restart the job: always continue from the checkpoint dir
+        register = register and sagemaker_env.register_model()
     else:
         data_dirs = data_dirs_for(config)
         model_dir = output_dir = None
@@ -377,6 +378,10 @@ def run_training(config: Config, resume: bool = False, *, nested: bool = False, 
             test = evaluate_split(result.model, data_dirs["test"], config, torch.device(
                 "cuda" if result.device == "cuda" else "cpu"))
             print(metric_line(result.best_epoch, test["metrics"], prefix="test_"), flush=True)
+            if result.best_epoch:  # the best epoch's validation metrics: SageMaker HPO's objective
+                best_val = result.epoch_metrics[result.best_epoch - 1]
+                print(metric_line(result.best_epoch, {k: v for k, v in best_val.items() if k not in (
+                    "train_loss", "val_loss")}, prefix="best_val_"), flush=True)
             save_model_dir(result.model, model_dir, result.model_config)
             report = tracking.write_profile(result, profile_dir, config)
             (model_dir / "metrics.json").write_text(json.dumps({

@@ -1,0 +1,509 @@
+"""The SageMaker backend against a real moto_server: the requests it sends, and what comes back into MLflow.
+
+moto completes every training job at once without running it (and writes no artifact), so the tests place
+a real model.tar.gz / output.tar.gz where the job says its model is; failed and interrupted jobs are
+simulated at the one place the backend polls (`wait_for_job`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import config_on
+
+BUCKET = "bincounter-jobs"
+REGION = "us-east-1"
+SPACE = {
+    "lr": {"type": "float", "low": 0.0001, "high": 0.1, "log": True},
+    "augment": {"type": "float", "low": 0.0, "high": 1.0},
+    "epochs": {"type": "int", "low": 1, "high": 3},
+    "batch_size": {"type": "categorical", "choices": [4, 8]},
+    "loss": {"type": "categorical", "choices": ["ce", "emd"]},
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_mlflow_context():
+    """mlflow.set_tracking_uri/set_experiment export MLFLOW_TRACKING_URI/MLFLOW_EXPERIMENT_ID for subprocesses,
+    and tracking.setup prefers them; each test here has its own store."""
+    import os
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")
+    for name in names:
+        os.environ.pop(name, None)
+    yield
+    for name in names:
+        os.environ.pop(name, None)
+
+
+@pytest.fixture
+def sm(aws, prepared, tmp_path):
+    """A bucket, an execution role and the prepared splits synced to S3 as channels, all on the emulator."""
+    import boto3
+
+    from bincounter.sync import sync
+
+    boto = boto3.Session(region_name=REGION)
+    boto.client("s3").create_bucket(Bucket=BUCKET)
+    role = boto.client("iam").create_role(RoleName="bincounter-sagemaker", AssumeRolePolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
+                                                 "Principal": {"Service": "sagemaker.amazonaws.com"}}]}))["Role"]["Arn"]
+    overrides = {"train.backend": "sagemaker", "sagemaker.role_arn": role, "sagemaker.bucket": BUCKET,
+                 "sagemaker.region": REGION, "sync.s3_uri": f"s3://{BUCKET}/data"}
+
+    def make(**extra):
+        return config_on(prepared, tmp_path, **{**overrides, **extra})
+
+    sync(make())
+    return SimpleNamespace(make=make, role=role, boto=boto, client=boto.client("sagemaker"),
+                           s3=boto.client("s3"), tmp=tmp_path)
+
+
+def s3_text(sm, uri: str) -> str:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return sm.s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+
+
+def channels(request_or_description) -> dict[str, str]:
+    items = request_or_description["InputDataConfig"]
+    return {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in items}
+
+
+# ------------------------------------------------------------------ the CreateTrainingJob request
+
+
+def test_metric_definitions_parse_the_training_log():
+    from bincounter.sagemaker_backend import metric_definitions
+    from bincounter.train import metric_line
+
+    val = {"train_loss": 1.5, "val_loss": 1.25, "accuracy": 0.5, "rmse": 0.9, "mae": 0.6, "macro_accuracy": 0.4375,
+           "off_by_one_accuracy": 0.875, "lr": 0.001}
+    test = {"accuracy": 0.25, "rmse": 1.5, "mae": 1.0, "macro_accuracy": 0.125, "off_by_one_accuracy": 0.75}
+    log = "\n".join([metric_line(3, val), metric_line(3, test, prefix="test_"),
+                     metric_line(3, {k: v for k, v in val.items() if "loss" not in k}, prefix="best_val_")])
+    found = {}
+    for definition in metric_definitions():
+        matches = re.findall(definition["Regex"], log)
+        assert len(matches) == 1, (definition, matches)  # each regex picks exactly its own number
+        found[definition["Name"]] = float(matches[0])
+    assert found["val_macro_accuracy"] == 0.4375 and found["test_macro_accuracy"] == 0.125
+    assert found["best_val_macro_accuracy"] == 0.4375 and found["val_accuracy"] == 0.5
+    assert found["test_rmse"] == 1.5 and found["train_loss"] == 1.5 and found["val_loss"] == 1.25
+    assert len(found) <= 40  # SageMaker's limit
+
+
+def test_training_request_single_instance(sm):
+    from bincounter import sagemaker_backend as backend
+    from bincounter.sagemaker_env import HP_KEYS
+
+    config = sm.make()
+    plan = backend.build_training_request(config)
+    request = plan.request
+    spec = request["algorithm_specification"]
+    assert spec.training_image == "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.5-gpu-py311"
+    assert {d.name for d in spec.metric_definitions} >= {"val_macro_accuracy", "test_macro_accuracy",
+                                                         "best_val_macro_accuracy", "val_rmse"}
+    hps = request["hyper_parameters"]
+    assert hps["arch"] == "resnet18" and hps["epochs"] == "1" and hps["pretrained"] == "false"
+    assert set(hps) == {k for k in HP_KEYS if "-" not in k}
+    assert request["role_arn"] == sm.role and request["resource_config"].instance_count == 1
+    assert not request["enable_managed_spot_training"] and request["checkpoint_config"] is None
+    assert "profiler_config" not in request and "debug_rule_configurations" not in request
+    assert request["environment"]["BINCOUNTER_REGISTER_MODEL"] == "false"
+    assert "MLFLOW_TRACKING_URI" not in request["environment"]
+    assert not plan.distributed
+
+    backend.submit(plan)
+    described = sm.client.describe_training_job(TrainingJobName=plan.job_name)
+    assert described["TrainingJobName"].startswith("bincounter-")
+    assert described["AlgorithmSpecification"]["TrainingImage"].endswith("pytorch-training:2.5-gpu-py311")
+    got = channels(described)
+    assert got["train"] == f"s3://{BUCKET}/data/train/" and got["validation"] == f"s3://{BUCKET}/data/validation/"
+    assert got["test"] == f"s3://{BUCKET}/data/test/" and {"code", "sm_drivers"} <= set(got)
+    assert described["HyperParameters"]["batch_size"] == "8"
+    assert described["RoleArn"] == sm.role and described["ResourceConfig"]["InstanceType"] == "ml.g5.xlarge"
+    assert described["StoppingCondition"]["MaxRuntimeInSeconds"] == 86400
+    # what the container will run: the packaged source and the SDK's driver files
+    source = json.loads(s3_text(sm, got["sm_drivers"] + "/sourcecode.json"))
+    assert source["entry_script"] == "sm_entry.py" and source["requirements"] == "requirements.txt"
+    assert "basic_script_driver.py" in s3_text(sm, got["sm_drivers"] + "/sm_train.sh")
+    assert "mlflow==" in s3_text(sm, got["code"] + "/requirements.txt")
+    assert "runpy.run_module(\"bincounter\"" in s3_text(sm, got["code"] + "/sm_entry.py")
+    assert "backend: local" in s3_text(sm, got["code"] + "/params.yaml")  # the job trains itself
+    assert "def run_training" in s3_text(sm, got["code"] + "/bincounter/train.py")
+
+
+def test_training_request_spot_torchrun_debugger_and_tracking_server(sm, monkeypatch):
+    from bincounter import sagemaker_backend as backend
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.com")
+    config = sm.make(**{"sagemaker.use_spot": True, "sagemaker.instance_count": 2, "sagemaker.debugger": True,
+                        "sagemaker.max_run": 3600, "sagemaker.max_wait": 7200,
+                        "sagemaker.instance_type": "ml.m5.xlarge"})
+    parent = SimpleNamespace(info=SimpleNamespace(experiment_id="7", run_id="parent123"))
+    plan = backend.build_training_request(config, parent_run=parent)
+    request = plan.request
+    assert request["algorithm_specification"].training_image.endswith("pytorch-training:2.5-cpu-py311")
+    assert request["enable_managed_spot_training"] is True
+    assert request["stopping_condition"].max_wait_time_in_seconds == 7200
+    assert request["checkpoint_config"].local_path == "/opt/ml/checkpoints"
+    assert request["checkpoint_config"].s3_uri.startswith(f"s3://{BUCKET}/bincounter/{plan.job_name}/checkpoints")
+    env = request["environment"]
+    assert env["MLFLOW_TRACKING_URI"] == "https://mlflow.example.com" and env["MLFLOW_EXPERIMENT_ID"] == "7"
+    assert json.loads(env["MLFLOW_RUN_CONTEXT"]) == {"mlflow.parentRunId": "parent123"}
+    assert plan.distributed
+    # Debugger: profiler + built-in rules, evaluated by the regional rule image
+    assert request["profiler_config"].s3_output_path == f"s3://{BUCKET}/bincounter/profiler"
+    assert [r.rule_configuration_name for r in request["profiler_rule_configurations"]] == [
+        "ProfilerReport", "LowGPUUtilization"]
+    rules = request["debug_rule_configurations"]
+    assert [r.rule_configuration_name for r in rules] == ["LossNotDecreasing", "Overfit"]
+    assert rules[0].rule_evaluator_image.endswith("sagemaker-debugger-rules:latest")
+    assert rules[0].rule_parameters == {"rule_to_invoke": "LossNotDecreasing"}
+
+    backend.submit(plan)
+    described = sm.client.describe_training_job(TrainingJobName=plan.job_name)
+    assert described["EnableManagedSpotTraining"] is True
+    assert described["CheckpointConfig"]["LocalPath"] == "/opt/ml/checkpoints"
+    assert described["ResourceConfig"]["InstanceCount"] == 2
+    assert [r["RuleConfigurationName"] for r in described["DebugRuleConfigurations"]] == ["LossNotDecreasing", "Overfit"]
+    drivers = channels(described)["sm_drivers"]
+    assert "torchrun_driver.py" in s3_text(sm, drivers + "/sm_train.sh")
+    assert "process_count_per_node" in json.loads(s3_text(sm, drivers + "/distributed.json"))
+
+
+def test_missing_role_or_bucket_is_one_line_error(prepared, tmp_path, capsys, aws):
+    import yaml
+
+    from bincounter.cli import main
+
+    config = config_on(prepared, tmp_path, **{"train.backend": "sagemaker"})
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(config.to_dict()))
+    assert main(["train", "--params", str(params), "--backend", "sagemaker"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert "sagemaker.role_arn and sagemaker.bucket must be set" in err
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was created, not even a run
+
+    assert main(["train", "--params", str(params), "--set", "sagemaker.role_arn=arn:aws:iam::1:role/r"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: sagemaker.bucket must be set") and "\n" not in err
+
+
+def test_missing_region_and_local_only_channels(sm, monkeypatch, tmp_path):
+    from bincounter import sagemaker_backend as backend
+    from bincounter.errors import BincounterError
+
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    with pytest.raises(BincounterError, match="sagemaker.region is empty"):
+        backend.launch_training(sm.make(**{"sagemaker.region": ""}))
+    monkeypatch.setenv("AWS_REGION", REGION)
+
+    config = sm.make()
+    Path(config.sync.out).write_text(json.dumps({"mode": "local only", "channels": {}}))
+    with pytest.raises(BincounterError, match=r"local only: set sync.s3_uri .* run `dvc repro`"):
+        backend.launch_training(config)
+    Path(config.sync.out).unlink()
+    with pytest.raises(BincounterError, match="dvc repro"):
+        backend.launch_training(config)
+    assert not sm.client.list_training_jobs()["TrainingJobSummaries"]
+
+
+# ------------------------------------------------------------------ results back into MLflow
+
+
+def _tar(path: Path, files: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def job_archives(tmp_path: Path) -> tuple[Path, Path]:
+    """model.tar.gz and output.tar.gz as a bincounter job leaves them (a real, untrained resnet18)."""
+    from bincounter.model import build_model, save_model_dir
+
+    model_dir = save_model_dir(build_model("resnet18", 6), tmp_path / "job_model", {
+        "arch": "resnet18", "max_count": 5, "image_size": 64, "stored_size": 72, "loss": "emd"})
+    test = {"accuracy": 0.5, "rmse": 1.0, "mae": 0.75, "macro_accuracy": 0.4, "off_by_one_accuracy": 0.9}
+    val = {**test, "macro_accuracy": 0.45, "train_loss": 1.2, "val_loss": 1.3}
+    (model_dir / "metrics.json").write_text(json.dumps({"test": test, "val": val, "best_epoch": 2}))
+    model = _tar(tmp_path / "model.tar.gz", {p.name: p.read_bytes() for p in model_dir.iterdir()})
+    output = _tar(tmp_path / "output.tar.gz", {
+        "profile/report.md": b"# profile\n", "profile/rules.csv": b'rule,status,evidence\nLossNotDecreasing,ok,"fine"\n'})
+    return model, output
+
+
+def test_launch_training_mirrors_completed_job(sm, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from bincounter import sagemaker_backend as backend
+    from bincounter.storage import parse_s3_uri
+
+    real_wait = backend.wait_for_job
+    model_tar, output_tar = job_archives(sm.tmp)
+
+    def wait_and_place_artifacts(client, job_name, **kwargs):
+        description = real_wait(client, job_name, **kwargs)
+        bucket, key = parse_s3_uri(description["ModelArtifacts"]["S3ModelArtifacts"])
+        sm.s3.upload_file(str(model_tar), bucket, key)
+        sm.s3.upload_file(str(output_tar), bucket, key.rsplit("/", 1)[0] + "/output.tar.gz")
+        return description
+
+    monkeypatch.setattr(backend, "wait_for_job", wait_and_place_artifacts)
+    config = sm.make()
+    outcome = backend.launch_training(config)
+    assert outcome.test_metrics["macro_accuracy"] == 0.4 and outcome.val_metrics["macro_accuracy"] == 0.45
+    assert outcome.registered_version == "1" and outcome.champion
+
+    client = MlflowClient(config.mlflow.tracking_uri)
+    run = client.get_run(outcome.run_id)
+    job_name = run.data.tags["sagemaker.training_job_name"]
+    assert run.info.status == "FINISHED" and run.info.run_name == job_name
+    assert run.data.tags["sagemaker.training_job_arn"].endswith(f":training-job/{job_name}")
+    assert run.data.tags["sagemaker.status"] == "Completed" and run.data.tags["backend"] == "sagemaker"
+    assert run.data.params["train.arch"] == "resnet18"
+    metrics = run.data.metrics
+    assert metrics["test_macro_accuracy"] == 0.4 and metrics["macro_accuracy"] == 0.45
+    assert "sagemaker/train_progress" in metrics  # moto's FinalMetricDataList
+    assert run.data.tags["rule.LossNotDecreasing"] == "ok"
+    artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "profile")}
+    assert "profile/report.md" in artifacts
+    champion = client.get_model_version_by_alias(config.mlflow.model_name, "champion")
+    assert str(champion.version) == "1" and champion.tags["test_macro_accuracy"] == "0.400000"
+
+    # the registered model is the usual pyfunc: it counts a real bin photo
+    import pandas as pd
+    from conftest import FIXTURES
+
+    from bincounter.pyfunc import encode_image_file
+
+    mlflow.set_tracking_uri(config.mlflow.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{config.mlflow.model_name}@champion")
+    image = min((FIXTURES / "bin-images").glob("*.jpg"))
+    prediction = model.predict(pd.DataFrame({"image": [encode_image_file(image)]}))
+    assert 0 <= int(prediction["count"][0]) <= 5 and len(prediction["probabilities"][0]) == 6
+
+
+def test_failed_job_marks_run_failed(sm, monkeypatch):
+    from mlflow import MlflowClient
+
+    from bincounter import sagemaker_backend as backend
+    from bincounter.errors import BincounterError
+
+    def failed(client, job_name, **kwargs):
+        description = client.describe_training_job(TrainingJobName=job_name)
+        return {**description, "TrainingJobStatus": "Failed", "SecondaryStatus": "Failed",
+                "FailureReason": "AlgorithmError: CUDA out of memory"}
+
+    monkeypatch.setattr(backend, "wait_for_job", failed)
+    config = sm.make()
+    with pytest.raises(BincounterError, match="failed: AlgorithmError: CUDA out of memory"):
+        backend.launch_training(config)
+    client = MlflowClient(config.mlflow.tracking_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["sagemaker.failure_reason"] == "AlgorithmError: CUDA out of memory"
+    assert run.data.tags["sagemaker.status"] == "Failed"
+    assert not client.search_registered_models()
+
+
+def test_ctrl_c_stops_job_and_kills_run(sm, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    from bincounter import sagemaker_backend as backend
+
+    def interrupted(client, job_name, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(backend, "wait_for_job", interrupted)
+    config = sm.make()
+    with pytest.raises(KeyboardInterrupt):
+        backend.launch_training(config)
+    out = capsys.readouterr().out
+    assert "could not stop" in out or "stop requested" in out  # moto answers StopTrainingJob with 500
+    client = MlflowClient(config.mlflow.tracking_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["sagemaker.training_job_name"]
+
+
+def test_wait_for_job_follows_status_and_tolerates_missing_logs(sm, capsys):
+    from bincounter import sagemaker_backend as backend
+
+    plan = backend.build_training_request(sm.make())
+    backend.submit(plan)
+    description = backend.wait_for_job(sm.client, plan.job_name, logs_client=sm.boto.client("logs"), poll_seconds=0)
+    assert description["TrainingJobStatus"] == "Completed"
+    assert f"{plan.job_name} Completed" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ hyperparameter tuning
+
+
+def test_tuning_request_ranges_objective_and_static_hyperparameters(sm):
+    from bincounter import sagemaker_backend as backend
+
+    config = sm.make(**{"hpo.max_jobs": 6, "hpo.max_parallel_jobs": 3})
+    plan = backend.build_tuning_request(config, SPACE)
+    tuning = plan.request["hyper_parameter_tuning_job_config"]
+    objective = tuning.hyper_parameter_tuning_job_objective
+    assert (objective.metric_name, objective.type) == ("best_val_macro_accuracy", "Maximize")
+    assert tuning.resource_limits.max_number_of_training_jobs == 6
+    assert tuning.resource_limits.max_parallel_training_jobs == 3
+    ranges = tuning.parameter_ranges
+    continuous = {r.name: r for r in ranges.continuous_parameter_ranges}
+    assert continuous["lr"].scaling_type == "Logarithmic" and float(continuous["lr"].min_value) == 0.0001
+    assert continuous["augment"].scaling_type == "Linear" and float(continuous["augment"].max_value) == 1.0
+    assert [(r.name, r.min_value, r.max_value) for r in ranges.integer_parameter_ranges] == [("epochs", "1", "3")]
+    categorical = {r.name: r.values for r in ranges.categorical_parameter_ranges}
+    assert categorical == {"batch_size": ["4", "8"], "loss": ["ce", "emd"]}
+
+    definition = plan.request["training_job_definition"]
+    static = definition.static_hyper_parameters
+    assert not set(static) & set(SPACE) and static["arch"] == "resnet18" and static["image_size"] == "64"
+    names = {d.name for d in definition.algorithm_specification.metric_definitions}
+    assert "best_val_macro_accuracy" in names and "test_macro_accuracy" in names
+    assert definition.checkpoint_config is None or not getattr(definition.checkpoint_config, "s3_uri", None)
+
+    rmse = backend.build_tuning_request(sm.make(**{"hpo.objective": "rmse"}), {"lr": SPACE["lr"]})
+    objective = rmse.request["hyper_parameter_tuning_job_config"].hyper_parameter_tuning_job_objective
+    assert (objective.metric_name, objective.type) == ("best_val_rmse", "Minimize")
+
+
+def test_tuning_space_errors(sm):
+    from bincounter import sagemaker_backend as backend
+    from bincounter.errors import BincounterError
+
+    for space, message in [({"dropout": {"type": "float", "low": 0, "high": 1}}, "not a hyperparameter"),
+                           ({"lr": {"type": "float", "low": 0.0, "high": 1, "log": True}}, "log scale needs low > 0"),
+                           ({"lr": {"type": "normal"}}, "type must be float, int or categorical"),
+                           ({}, "empty")]:
+        with pytest.raises(BincounterError, match=message):
+            backend.parameter_ranges(space)
+    assert set(backend.parameter_ranges(SPACE, pinned={"lr"})) == set(SPACE) - {"lr"}
+    with pytest.raises(BincounterError, match="role_arn"):
+        backend.build_tuning_request(sm.make(**{"sagemaker.role_arn": ""}), SPACE)
+
+
+def test_launch_tuning_on_moto_mirrors_best_job(sm):
+    from mlflow import MlflowClient
+
+    from bincounter import sagemaker_backend as backend
+
+    config = sm.make(**{"hpo.space": SPACE, "hpo.max_jobs": 4, "hpo.max_parallel_jobs": 2})
+    result = backend.launch_tuning(config)
+    name = result["tuning_job_name"]
+    assert len(name) <= 32 and result["status"] == "Completed"
+    described = sm.client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
+    definition = described["TrainingJobDefinition"]
+    assert definition["StaticHyperParameters"]["sagemaker_program"] == "sm_entry.py"
+    assert definition["StaticHyperParameters"]["arch"] == "resnet18"
+    assert {m["Name"] for m in definition["AlgorithmSpecification"]["MetricDefinitions"]} >= {"best_val_macro_accuracy"}
+    assert {"train", "validation", "test"} <= set(channels(definition))
+    ranges = described["HyperParameterTuningJobConfig"]["ParameterRanges"]
+    assert {r["Name"] for r in ranges["CategoricalParameterRanges"]} == {"batch_size", "loss"}
+    objective = described["HyperParameterTuningJobConfig"]["HyperParameterTuningJobObjective"]
+    assert objective == {"Type": "Maximize", "MetricName": "best_val_macro_accuracy"}
+    # moto's canned best job, mirrored as a child run of the tuning run
+    assert result["best_job"] == described["BestTrainingJob"]["TrainingJobName"]
+    client = MlflowClient(config.mlflow.tracking_uri)
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["sagemaker.tuning_job_name"] == name
+    assert parent.data.tags["best_training_job"] == result["best_job"]
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert [c.data.tags["sagemaker.training_job_name"] for c in children] == [result["best_job"]]
+
+
+class StubSageMaker:
+    """The two read calls mirroring uses, answering like the service does for a finished tuning job."""
+
+    def __init__(self, jobs: dict[str, dict]):
+        self.jobs = jobs
+
+    def list_training_jobs_for_hyper_parameter_tuning_job(self, **kwargs):
+        return {"TrainingJobSummaries": [
+            {k: v for k, v in job.items() if k in ("TrainingJobName", "TrainingJobArn", "TrainingJobStatus",
+                                                   "TunedHyperParameters", "FailureReason",
+                                                   "FinalHyperParameterTuningJobObjectiveMetric")}
+            for job in self.jobs.values()]}
+
+    def describe_training_job(self, TrainingJobName):
+        job = self.jobs[TrainingJobName]
+        return {"TrainingJobName": TrainingJobName, "TrainingJobStatus": job["TrainingJobStatus"],
+                "HyperParameters": {**job["TunedHyperParameters"], "arch": "resnet18", "sagemaker_program": "sm_entry.py"},
+                "FinalMetricDataList": job.get("final", [])}
+
+
+def tuning_description(best: dict) -> dict:
+    return {"HyperParameterTuningJobName": "bc-hpo-1", "HyperParameterTuningJobStatus": "Completed",
+            "TrainingJobDefinition": {"StaticHyperParameters": {"arch": "resnet18", "sagemaker_program": "sm_entry.py",
+                                                                "sagemaker_submit_directory": "s3://b/x.tar.gz"}},
+            "TrainingJobStatusCounters": {"Completed": 2, "NonRetryableError": 1}, "BestTrainingJob": best}
+
+
+def _job(name, status, lr, value=None, reason=None):
+    job = {"TrainingJobName": name, "TrainingJobArn": f"arn:aws:sagemaker:us-east-1:1:training-job/{name}",
+           "TrainingJobStatus": status, "TunedHyperParameters": {"lr": lr, "batch_size": "8"}}
+    if value is not None:
+        job["FinalHyperParameterTuningJobObjectiveMetric"] = {"MetricName": "best_val_macro_accuracy", "Value": value}
+        job["final"] = [{"MetricName": "best_val_macro_accuracy", "Value": value},
+                        {"MetricName": "test_macro_accuracy", "Value": value - 0.1}]
+    if reason:
+        job["FailureReason"] = reason
+    return job
+
+
+def test_mirror_tuning_job_from_describe_results(sm):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from bincounter import sagemaker_backend as backend
+
+    config = sm.make()
+    mlflow.set_tracking_uri(config.mlflow.tracking_uri)
+    experiment = mlflow.set_experiment("tests").experiment_id
+    client = MlflowClient(config.mlflow.tracking_uri)
+    parent = client.create_run(experiment, run_name="hpo")
+
+    # 1. only the describe answer (what moto can give): the best job becomes the one child run
+    best = _job("bc-hpo-1-002", "Completed", "0.01", 0.6)
+    result = backend.mirror_tuning_job(config, "bc-hpo-1", parent.info.run_id, description=tuning_description(best))
+    assert result["best_job"] == "bc-hpo-1-002" and result["best_value"] == 0.6
+    assert result["best_params"] == {"lr": "0.01", "batch_size": "8"} and result["children"] == 1
+    query = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    [child] = client.search_runs([experiment], query)
+    assert child.data.params == {"arch": "resnet18", "lr": "0.01", "batch_size": "8"}
+    assert child.data.metrics["best_val_macro_accuracy"] == 0.6 and child.info.status == "FINISHED"
+    assert child.data.tags["hpo.best"] == "true" and child.info.run_name == "bc-hpo-1-002"
+    run = client.get_run(parent.info.run_id)
+    assert run.data.params["best_lr"] == "0.01" and run.data.metrics["best_macro_accuracy"] == 0.6
+    assert run.data.tags["best_training_job"] == "bc-hpo-1-002"
+
+    # 2. with the listing: every job, failed ones FAILED with their reason; already mirrored ones skipped
+    jobs = {j["TrainingJobName"]: j for j in (
+        _job("bc-hpo-1-001", "Completed", "0.001", 0.5), best,
+        _job("bc-hpo-1-003", "Failed", "0.1", reason="AlgorithmError: loss became nan"))}
+    result = backend.mirror_tuning_job(config, "bc-hpo-1", parent.info.run_id,
+                                       description=tuning_description(best), client=StubSageMaker(jobs))
+    assert result["children"] == 2
+    children = {c.info.run_name: c for c in client.search_runs([experiment], query)}
+    assert set(children) == set(jobs)
+    assert children["bc-hpo-1-003"].info.status == "FAILED"
+    assert children["bc-hpo-1-003"].data.tags["sagemaker.failure_reason"] == "AlgorithmError: loss became nan"
+    first = children["bc-hpo-1-001"]
+    assert first.data.params["lr"] == "0.001" and "sagemaker_program" not in first.data.params
+    assert first.data.metrics["sagemaker/test_macro_accuracy"] == pytest.approx(0.4)
+    assert backend.mirror_tuning_job(config, "bc-hpo-1", parent.info.run_id, description=tuning_description(best),
+                                     client=StubSageMaker(jobs))["children"] == 0
