@@ -169,7 +169,8 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> dict | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001
-        raise BincounterError(f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it to start over")
+        raise BincounterError(
+            f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it to start over") from None
     if state["arch"] != cfg.arch:
         raise BincounterError(f"checkpoint {path} is for {state['arch']}, not {cfg.arch}; "
                               "delete it or use another --checkpoint-dir")
@@ -334,7 +335,7 @@ class TrainOutcome:
 def data_dirs_for(config: Config) -> dict[str, Path]:
     root = Path(config.train.data_dir)
     dirs = {name: root / name for name in ("train", "val", "test")}
-    for name, path in dirs.items():
+    for path in dirs.values():
         if not (path / "images.npy").exists():
             raise BincounterError(f"{path}/images.npy not found: run `dvc repro` first (or set --data-dir)")
     return dirs
