@@ -111,6 +111,32 @@ def one(args) -> dict:
             "input_dtype": str(images.dtype)}
 
 
+def accuracy(args) -> None:
+    import torch
+
+    from bincounter.config import with_overrides
+    from bincounter.prepare import prepare
+    from bincounter.train import evaluate_split, fit
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        config = build_splits(root, Path(args.sample), sample_ids(Path(args.sample), args.n))
+        config = with_overrides(config, {
+            "prepare.image_size": 144, "prepare.workers": 2, "train.arch": "resnet18", "train.image_size": 128,
+            "train.epochs": args.epochs, "train.batch_size": 32, "train.num_workers": 1, "train.lr": 0.001,
+            "train.data_dir": str(root / "prepared"), "train.checkpoint_dir": str(root / "ckpt"),
+            "train.device": "cpu", "train.patience": 100})
+        prepare(config)
+        dirs = {name: root / "prepared" / name for name in ("train", "val", "test")}
+        t0 = time.perf_counter()
+        result = fit(config, dirs)
+        seconds = time.perf_counter() - t0
+        test = evaluate_split(result.model, dirs["test"], config, torch.device("cpu"))["metrics"]
+    print(f"\nbincounter resnet18 128px (prepared 144), {args.epochs} epochs in {seconds:.0f}s, best epoch "
+          f"{result.best_epoch}; test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sample", default=DEFAULT_SAMPLE)
@@ -126,7 +152,14 @@ def main() -> None:
     parser.add_argument("--arch", help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
+    parser.add_argument("--accuracy", action="store_true",
+                        help="instead: train bincounter (resnet18, 128 px from prepared 144) on a split of --n "
+                             "count 0-5 images for --epochs and report test metrics")
+    parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
+    if args.accuracy:
+        accuracy(args)
+        return
     if args.one:
         print("RESULT " + json.dumps(one(args)), flush=True)
         return
