@@ -297,6 +297,26 @@ def test_launch_training_mirrors_completed_job(sm, monkeypatch):
     assert 0 <= int(prediction["count"][0]) <= 5 and len(prediction["probabilities"][0]) == 6
 
 
+def test_follow_existing_job_mirrors_it(sm):
+    """A job started earlier (say, by a session that lost its connection) mirrored into a new run."""
+    from mlflow import MlflowClient
+
+    from bincounter import sagemaker_backend as backend
+    from bincounter.storage import parse_s3_uri
+
+    config = sm.make()
+    plan = backend.build_training_request(config)
+    description = backend.submit(plan)
+    bucket, key = parse_s3_uri(description["ModelArtifacts"]["S3ModelArtifacts"])
+    model_tar, _ = job_archives(sm.tmp)
+    sm.s3.upload_file(str(model_tar), bucket, key)  # no output.tar.gz: the profile is optional
+    outcome = backend.follow_training_job(config, plan.job_name)
+    assert outcome.registered_version == "1" and outcome.test_metrics["macro_accuracy"] == 0.4
+    run = MlflowClient(config.mlflow.tracking_uri).get_run(outcome.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["sagemaker.training_job_name"] == plan.job_name
+    assert "rule.LossNotDecreasing" not in run.data.tags
+
+
 def test_failed_job_marks_run_failed(sm, monkeypatch):
     from mlflow import MlflowClient
 
