@@ -27,7 +27,7 @@ def test_split_is_stratified_seeded_and_rejects_with_reasons(prepared):
     splits = {name: read_split(prepared / f"data/splits/{name}.csv") for name in ("train", "val", "test")}
     usable = {i: c for i, c in labels.items() if c <= 5}
     assert sorted(i for rows in splits.values() for i, _ in rows) == sorted(usable)
-    for name, rows in splits.items():
+    for rows in splits.values():
         assert all(usable[i] == c for i, c in rows)
     for count in set(usable.values()):
         n = sum(1 for c in usable.values() if c == count)

@@ -12,7 +12,7 @@ from mlflow.exceptions import MlflowException
 from bincounter import tracking
 from bincounter.config import Config
 from bincounter.errors import BincounterError
-from bincounter.model import load_model_dir
+from bincounter.model import MODEL_CONFIG_FILE, load_model_dir
 
 
 def local_model_dir(model_uri: str) -> Path:
@@ -21,10 +21,11 @@ def local_model_dir(model_uri: str) -> Path:
         root = Path(mlflow.artifacts.download_artifacts(model_uri))
     except (MlflowException, OSError) as exc:
         raise BincounterError(f"cannot load model {model_uri}: {str(exc).splitlines()[0]}") from None
-    model_dir = root / "artifacts" / "model_dir"
-    if not model_dir.exists():
-        raise BincounterError(f"{model_uri} is not a bincounter model (no artifacts/model_dir)")
-    return model_dir
+    # MLflow keeps the logged folder under its own name (artifacts/model), so find it by its config file
+    found = sorted((root / "artifacts").glob(f"*/{MODEL_CONFIG_FILE}"))
+    if not found:
+        raise BincounterError(f"{model_uri} is not a bincounter model (no artifacts/*/{MODEL_CONFIG_FILE})")
+    return found[0].parent
 
 
 def evaluate_model(config: Config, model_uri: str, split: str = "test") -> dict:
