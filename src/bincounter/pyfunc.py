@@ -4,7 +4,8 @@ The contract (serving, HPO, deployment and checks rely on it):
 - input: a DataFrame with a column `image` of base64-encoded JPEG or PNG bytes, any size;
 - output: one row per image with `count` (int), `confidence` (probability of that count) and
   `probabilities` (list over 0..max_count);
-- a row that is not base64 or not an image raises an error naming the row (HTTP 400 when served).
+- a row that is not base64 or not an image raises an error naming the row (HTTP 400 when served);
+  so do more than MAX_ROWS rows and an image above MAX_IMAGE_BYTES or MAX_IMAGE_PIXELS.
 Decoding and resizing use bincounter.images.decode_and_resize and data.eval_transform, the exact
 functions behind training's validation and test sets.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 from pathlib import Path
 
 import mlflow
@@ -24,6 +26,9 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 BATCH = 64
 MAX_ROWS = 1024  # one request at most; larger batches should be split by the client
+# One image at most (decoded bytes, pixels); ABID photos are ~50 KB and ~0.2 MP. Env overrides for servers.
+MAX_IMAGE_BYTES = int(os.environ.get("BINCOUNTER_MAX_IMAGE_BYTES", str(16 * 2**20)))
+MAX_IMAGE_PIXELS = int(os.environ.get("BINCOUNTER_MAX_IMAGE_PIXELS", "50000000"))
 
 
 def _bad(message: str) -> MlflowException:
@@ -35,15 +40,35 @@ def decode_row(index: int, value, stored_size: int) -> np.ndarray:
 
     if not isinstance(value, (str, bytes)):
         raise _bad(f"row {index}: 'image' must be a base64 string, got {type(value).__name__}")
+    if len(value) * 3 // 4 > MAX_IMAGE_BYTES + 3:  # refuse before decoding anything
+        raise _bad(f"row {index}: image is {len(value) * 3 / 4 / 2**20:.1f} MiB; "
+                   f"at most {MAX_IMAGE_BYTES / 2**20:g} MiB per image")
     try:
         text = value if isinstance(value, bytes) else value.encode("ascii")
         data = base64.b64decode(b"".join(text.split()), validate=True)
     except (binascii.Error, ValueError, UnicodeEncodeError):
         raise _bad(f"row {index}: 'image' is not valid base64") from None
+    _check_pixels(index, data)
     try:
         return decode_and_resize(data, stored_size)
     except BadImage as exc:
         raise _bad(f"row {index}: {exc}") from None
+
+
+def _check_pixels(index: int, data: bytes) -> None:
+    """Read only the header: a small file can declare a huge canvas (decompression bomb)."""
+    from PIL import Image
+
+    limit = f"at most {MAX_IMAGE_PIXELS / 1e6:g} megapixels"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Image.DecompressionBombError:
+        raise _bad(f"row {index}: image has too many pixels; {limit}") from None
+    except Exception:  # noqa: BLE001 - not an image: decode_and_resize says so in its own words
+        return
+    if width * height > MAX_IMAGE_PIXELS:
+        raise _bad(f"row {index}: image is {width}x{height} pixels; {limit}")
 
 
 class BinCounterPyfunc(mlflow.pyfunc.PythonModel):
