@@ -77,7 +77,7 @@ def one(args) -> dict:
                         drop_last=True, persistent_workers=False)
     # the input pipeline alone (no model), after one warm-up batch: the fastest batch, robust to a shared CPU
     batch_times, t0 = [], time.perf_counter()
-    for k, (images, _) in enumerate(loader):
+    for k, _batch in enumerate(loader):
         now = time.perf_counter()
         if k:
             batch_times.append(now - t0)
@@ -182,7 +182,7 @@ def main() -> None:
                 if proc.returncode:
                     sys.exit(f"{arch}/{pipeline} failed:\n{proc.stderr[-3000:]}")
                 out = proc.stdout
-                result = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+                result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
                 print(result, flush=True)
                 results.append(result)
     print(f"\ntorch CPU, {args.threads} threads, {os.cpu_count()} cores, batch {args.batch_size}, 224x224, "

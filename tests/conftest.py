@@ -155,6 +155,7 @@ def make_config(root: Path, **overrides):
         "train.batch_size": 8, "train.num_workers": 0, "train.profile_steps": 2,
         "train.data_dir": str(root / "data/prepared"), "train.checkpoint_dir": str(root / "checkpoints"),
         "mlflow.tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "mlflow.experiment": "tests",
+        "mlflow.artifact_location": str(root / "mlartifacts"),
         "hpo.storage": f"sqlite:///{root / 'optuna.db'}",
     }
     base.update(overrides)

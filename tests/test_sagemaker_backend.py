@@ -490,10 +490,11 @@ def test_mirror_tuning_job_from_describe_results(sm):
     from mlflow import MlflowClient
 
     from bincounter import sagemaker_backend as backend
+    from bincounter import tracking
 
     config = sm.make()
-    mlflow.set_tracking_uri(config.mlflow.tracking_uri)
-    experiment = mlflow.set_experiment("tests").experiment_id
+    tracking.setup(config)
+    experiment = mlflow.get_experiment_by_name(config.mlflow.experiment).experiment_id
     client = MlflowClient(config.mlflow.tracking_uri)
     parent = client.create_run(experiment, run_name="hpo")
 

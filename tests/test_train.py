@@ -210,3 +210,31 @@ def test_mlflow_run_trains_and_registers(prepared, tmp_path):
     assert len(runs) == 1 and runs["status"][0] == "FINISHED"
     assert {"metrics.accuracy", "metrics.rmse"} <= set(runs.columns)
     assert str(MlflowClient().get_model_version_by_alias("bin-counter", "champion").version) == "1"
+
+
+@pytest.mark.slow
+def test_evaluate_reproduces_the_champions_test_metrics_in_a_new_run(trained, tmp_path, capsys):
+    """`bincounter evaluate` (the MLproject's evaluate entry point) on the registered champion."""
+    config, outcome = trained["config"], trained["outcome"]
+    args = ["evaluate", "--params", str(tmp_path / "none.yaml"), "--model", "models:/bin-counter@champion",
+            "--split", "test", "--set", f"mlflow.tracking_uri={trained['tracking_uri']}",
+            "--set", f"train.data_dir={config.train.data_dir}", "--set", f"mlflow.experiment={config.mlflow.experiment}"]
+    assert main(args) == 0
+    printed = dict(pair.split("=") for pair in capsys.readouterr().out.split())
+    assert float(printed["accuracy"]) == pytest.approx(outcome.test_metrics["accuracy"], abs=1e-4)
+
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.split LIKE '%test'")
+    assert len(runs) == 1 and runs["status"][0] == "FINISHED"
+    assert runs["tags.model_uri"][0] == "models:/bin-counter@champion"
+    for name in ("accuracy", "rmse", "macro_accuracy"):
+        assert runs[f"metrics.test_{name}"][0] == pytest.approx(outcome.test_metrics[name], abs=1e-4)
+    artifacts = {f.path for f in MlflowClient().list_artifacts(runs["run_id"][0], "plots")}
+    assert {"plots/confusion_matrix.png", "plots/per_class_accuracy.png", "plots/test_predictions.csv"} <= artifacts
+
+
+def test_evaluate_an_unknown_model_is_a_one_line_error(trained, tmp_path, capsys):
+    args = ["evaluate", "--params", str(tmp_path / "none.yaml"), "--model", "models:/no-such-model/1",
+            "--set", f"mlflow.tracking_uri={trained['tracking_uri']}"]
+    assert main(args) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "Traceback" in line or "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: cannot load model models:/no-such-model/1: ")

@@ -90,6 +90,7 @@ class MlflowConfig:
     model_name: str = "bin-counter"
     champion_alias: str = "champion"
     champion_metric: str = "macro_accuracy"
+    artifact_location: str = ""
 
 
 @dataclass

@@ -27,7 +27,11 @@ EPOCH_METRICS = METRIC_NAMES + ("train_loss", "val_loss", "lr")
 def setup(config: Config) -> None:
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or config.mlflow.tracking_uri)
     if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        mlflow.set_experiment(config.mlflow.experiment)
+        name, location = config.mlflow.experiment, config.mlflow.artifact_location
+        if location and mlflow.get_experiment_by_name(name) is None:
+            with contextlib.suppress(MlflowException):  # another process or thread created it first
+                mlflow.create_experiment(name, artifact_location=location)
+        mlflow.set_experiment(name)
 
 
 @contextlib.contextmanager
