@@ -2,12 +2,14 @@
 bincounter's pipeline vs a seed-notebook-style baseline, same model / batch / steps, torch CPU.
 
     python benchmarks/bench_train.py [--sample ../shared/abid-sample] [--archs resnet18 resnet50]
-                                     [--batch-size 16] [--steps 6 3] [--num-workers 0]
+                                     [--batch-size 16] [--steps 8 4] [--num-workers 0] [--precision auto]
 
-bincounter: PreparedDataset over a prepared (N,256,256,3) uint8 array + train_transform(224, 0.5)
-            + BinCounterNet (normalises inside) + count_loss (CE + EMD), AdamW.
+bincounter: bincounter.train.train_one_epoch itself: PreparedDataset over a prepared (N,256,256,3) uint8
+            array + train_transform(224, 0.5) + BinCounterNet (normalises inside, channels_last) + count_loss
+            (CE + EMD), AdamW, and train.precision (auto: bf16 autocast on CPUs with AMX/AVX512-BF16).
 baseline:   ImageFolder-like dataset that opens each JPEG with PIL every epoch, Resize(224) + RandomCrop(224)
-            + ToTensor + Normalize per sample, fp32, the same torchvision backbone + CE loss, AdamW.
+            + ToTensor + Normalize per sample, a plain torchvision model (same architecture, 6-way head) in fp32,
+            CE loss, AdamW.
 Each (arch, pipeline) runs in its own subprocess, so ru_maxrss is that configuration's own peak.
 """
 
@@ -28,90 +30,169 @@ sys.path.insert(0, str(HERE))
 from bench_prepare import DEFAULT_SAMPLE, build_splits, sample_ids  # noqa: E402
 
 
-def one(args) -> dict:
+def jpeg_folder(root: Path, rows, size: int, train: bool):
+    """What torchvision's ImageFolder does in the seed notebooks: PIL open + transform per sample, every epoch."""
+    from PIL import Image
+    from torch.utils.data import Dataset
+    from torchvision import transforms as T
+
+    crop = [T.RandomCrop(size), T.RandomHorizontalFlip()] if train else [T.CenterCrop(size)]
+    transform = T.Compose([T.Resize(size), *crop, T.ToTensor(),
+                           T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+    class JpegFolder(Dataset):
+        items = [(root / f"{i}.jpg", c) for i, c in rows]
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, k):
+            path, count = self.items[k]
+            with open(path, "rb") as f:
+                image = Image.open(f).convert("RGB")
+            return transform(image), count
+
+    return JpegFolder()
+
+
+class Stamped:
+    """Wraps a loader and notes when each batch arrives: the gaps are whole steps (data + compute)."""
+
+    def __init__(self, loader):
+        self.loader, self.stamps = loader, []
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.stamps.append(time.perf_counter())
+            yield batch
+        self.stamps.append(time.perf_counter())
+
+
+def bincounter_steps(args, steps: int) -> tuple[list[float], float, str]:
+    """bincounter's own training step: train.train_one_epoch over PreparedDataset, with the model, loss,
+    optimizer and train.precision exactly as `bincounter train` uses them. -> (step seconds, data share, precision)."""
     import torch
-    from torch.utils.data import DataLoader, Dataset
+    from torch.utils.data import DataLoader, Subset
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     from bincounter.config import TrainConfig
+    from bincounter.data import PreparedDataset, train_transform
     from bincounter.model import build_model
-    from bincounter.train import count_loss
+    from bincounter.profiling import RunHistory
+    from bincounter.train import autocast_dtype, build_optimizer, train_one_epoch
 
-    cfg = TrainConfig(arch=args.arch, image_size=224, batch_size=args.batch_size)
-    model = build_model(args.arch, 6)  # BinCounterNet(backbone with a 6-way head), weights=None
-    if args.pipeline == "bincounter":
-        from bincounter.data import PreparedDataset, train_transform
+    cfg = TrainConfig(arch=args.arch, image_size=224, batch_size=args.batch_size, precision=args.precision,
+                      num_workers=args.num_workers, epochs=1)
+    dataset = PreparedDataset(Path(args.root) / "prepared" / "train", train_transform(224, cfg.augment))
+    dataset = Subset(dataset, range(args.batch_size * (steps + 1)))
+    loader = Stamped(DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
+                                drop_last=True))
+    model = build_model(args.arch, 6)  # BinCounterNet: channels_last, normalises uint8 inside
+    history = RunHistory()
+    train_one_epoch(model, loader, build_optimizer(model, cfg), torch.device("cpu"), cfg, None, history,
+                    show_progress=False)
+    gaps = [b - a for a, b in zip(loader.stamps, loader.stamps[1:])][1:]  # the first step is the warm-up
+    share = history.data_seconds / (history.data_seconds + history.compute_seconds)
+    precision = "bf16" if autocast_dtype(cfg.precision, torch.device("cpu")) else "fp32"
+    return gaps, share, precision
 
-        dataset = PreparedDataset(Path(args.root) / "prepared" / "train", train_transform(224, 0.5))
-        net = model
 
-        def loss_fn(logits, y):
-            return count_loss(logits, y, cfg, None)
-    else:
-        from PIL import Image
-        from torchvision import transforms as T
+def baseline_steps(args, steps: int) -> tuple[list[float], float, str]:
+    """The seed notebooks' step: ImageFolder-style JPEG decode + resize per sample, a plain torchvision
+    model in fp32 and NCHW, cross-entropy, AdamW."""
+    import torch
+    import torchvision
+    from torch.utils.data import DataLoader
 
-        class JpegFolder(Dataset):  # what torchvision ImageFolder does: PIL open + transform per sample
-            def __init__(self, root: Path, rows):
-                self.items = [(root / f"{i}.jpg", c) for i, c in rows]
-                self.tf = T.Compose([T.Resize(224), T.RandomCrop(224), T.ToTensor(),
-                                     T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    from bincounter.split import read_split
 
-            def __len__(self):
-                return len(self.items)
-
-            def __getitem__(self, k):
-                path, count = self.items[k]
-                with open(path, "rb") as f:
-                    img = Image.open(f).convert("RGB")
-                return self.tf(img), count
-
-        from bincounter.split import read_split
-
-        rows = read_split(Path(args.root) / "splits" / "train.csv")
-        dataset = JpegFolder(Path(args.root) / "raw" / "bin-images", rows)
-        net = model.backbone  # same weights/architecture, fed float normalised input
-        loss_fn = torch.nn.functional.cross_entropy
+    rows = read_split(Path(args.root) / "splits" / "train.csv")
+    dataset = jpeg_folder(Path(args.root) / "raw" / "bin-images", rows, 224, train=True)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
-                        drop_last=True, persistent_workers=False)
-    # the input pipeline alone (no model), after one warm-up batch: the fastest batch, robust to a shared CPU
-    batch_times, t0 = [], time.perf_counter()
-    for k, _batch in enumerate(loader):
-        now = time.perf_counter()
-        if k:
-            batch_times.append(now - t0)
-        t0 = now
-        if k == args.steps[0]:
-            break
-    data_only = args.batch_size / min(batch_times)
+                        drop_last=True)
+    net = torchvision.models.get_model(args.arch, weights=None, num_classes=6)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     net.train()
     it = iter(loader)
-    times = []
-    for step in range(1 + args.steps[0]):  # step 0 is the warm-up
+    gaps, data = [], 0.0
+    for step in range(1 + steps):  # step 0 is the warm-up
         t0 = time.perf_counter()
         images, counts = next(it)
         t_data = time.perf_counter() - t0
-        loss = loss_fn(net(images), counts)
+        loss = torch.nn.functional.cross_entropy(net(images), counts)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step:
-            times.append((time.perf_counter() - t0, t_data))
-    total = sum(t for t, _ in times)
-    data = sum(d for _, d in times)
-    step_times = sorted(t for t, _ in times)
-    return {"arch": args.arch, "pipeline": args.pipeline, "steps": len(times),
-            "best_step_images_per_s": args.batch_size / step_times[0],
-            "median_step_images_per_s": args.batch_size / step_times[len(step_times) // 2],
-            "images_per_s": len(times) * args.batch_size / total, "data_share": data / total,
-            "data_only_images_per_s": data_only,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "input_dtype": str(images.dtype)}
+            gaps.append(time.perf_counter() - t0)
+            data += t_data
+    return gaps, data / sum(gaps), "fp32"
+
+
+def one(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    steps = args.steps[0]
+    gaps, data_share, precision = (bincounter_steps if args.pipeline == "bincounter" else baseline_steps)(args, steps)
+    ordered = sorted(gaps)
+    return {"arch": args.arch, "pipeline": args.pipeline, "steps": len(gaps), "precision": precision,
+            "best_step_images_per_s": args.batch_size / ordered[0],
+            "median_step_images_per_s": args.batch_size / ordered[len(ordered) // 2],
+            "images_per_s": len(gaps) * args.batch_size / sum(gaps), "data_share": data_share,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def train_baseline(root: Path, epochs: int, size: int, batch_size: int) -> tuple[dict, float, int]:
+    """The seed notebooks' training: JPEG folder, plain resnet18, fp32, cross-entropy, AdamW, no class
+    weighting; the epoch with the best validation macro accuracy is kept (the same rule as bincounter's)."""
+    import copy
+
+    import numpy as np
+    import torch
+    import torchvision
+    from torch.utils.data import DataLoader
+
+    from bincounter.metrics import counting_metrics
+    from bincounter.split import read_split
+
+    images = root / "raw" / "bin-images"
+    loaders = {name: DataLoader(jpeg_folder(images, read_split(root / "splits" / f"{name}.csv"), size, name == "train"),
+                                batch_size=batch_size, shuffle=name == "train", num_workers=1)
+               for name in ("train", "val", "test")}
+    net = torchvision.models.get_model("resnet18", weights=None, num_classes=6)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+
+    def predictions(name: str) -> tuple[np.ndarray, np.ndarray]:
+        net.eval()
+        with torch.no_grad():
+            pairs = [(net(x).argmax(1).numpy(), y.numpy()) for x, y in loaders[name]]
+        return np.concatenate([p for p, _ in pairs]), np.concatenate([y for _, y in pairs])
+
+    best, best_state, best_epoch, t0 = -1.0, None, 0, time.perf_counter()
+    for epoch in range(epochs):
+        net.train()
+        for x, y in loaders["train"]:
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        predicted, true = predictions("val")
+        score = counting_metrics(true, predicted, 6)["macro_accuracy"]
+        if score > best:
+            best, best_state, best_epoch = score, copy.deepcopy(net.state_dict()), epoch + 1
+    seconds = time.perf_counter() - t0
+    net.load_state_dict(best_state)
+    predicted, true = predictions("test")
+    return counting_metrics(true, predicted, 6), seconds, best_epoch
 
 
 def accuracy(args) -> None:
+    """bincounter (emd and ce losses) and the seed-style baseline, trained for the same epochs on the same
+    split of the sample, at the same image size; test metrics side by side."""
     import torch
 
     from bincounter.config import with_overrides
@@ -119,43 +200,62 @@ def accuracy(args) -> None:
     from bincounter.train import evaluate_split, fit
 
     torch.set_num_threads(args.threads)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         config = build_splits(root, Path(args.sample), sample_ids(Path(args.sample), args.n))
         config = with_overrides(config, {
-            "prepare.image_size": 144, "prepare.workers": 2, "train.arch": "resnet18", "train.image_size": 128,
-            "train.epochs": args.epochs, "train.batch_size": 32, "train.num_workers": 1, "train.lr": 0.001,
+            "prepare.image_size": args.size + args.size // 8, "prepare.workers": 2, "train.arch": "resnet18",
+            "train.image_size": args.size, "train.epochs": args.epochs, "train.batch_size": 32,
+            "train.num_workers": 1, "train.lr": 0.001, "train.precision": args.precision,
             "train.data_dir": str(root / "prepared"), "train.checkpoint_dir": str(root / "ckpt"),
-            "train.device": "cpu", "train.patience": 100})
+            "train.device": "cpu", "train.patience": 100, "train.profile_steps": 0})
         prepare(config)
         dirs = {name: root / "prepared" / name for name in ("train", "val", "test")}
-        t0 = time.perf_counter()
-        result = fit(config, dirs)
-        seconds = time.perf_counter() - t0
-        test = evaluate_split(result.model, dirs["test"], config, torch.device("cpu"))["metrics"]
-    print(f"\nbincounter resnet18 128px (prepared 144), {args.epochs} epochs in {seconds:.0f}s, best epoch "
-          f"{result.best_epoch}; test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()))
+        sizes = {name: len((root / "splits" / f"{name}.csv").read_text().splitlines()) - 1 for name in dirs}
+        print(f"split of {args.n} sample images (counts 0-5): {sizes}", flush=True)
+        for loss in args.losses:
+            t0 = time.perf_counter()
+            result = fit(with_overrides(config, {"train.loss": loss}), dirs)
+            seconds = time.perf_counter() - t0
+            test = evaluate_split(result.model, dirs["test"], config, torch.device("cpu"))["metrics"]
+            rows.append((f"bincounter {loss} {result.precision}", test, seconds, result.best_epoch))
+            print(rows[-1], flush=True)
+        if not args.skip_baseline:
+            rows.append(("baseline ce fp32", *train_baseline(root, args.epochs, args.size, 32)))
+            print(rows[-1], flush=True)
+    print(f"\nresnet18 from scratch, {args.size} px, {args.epochs} epochs, batch 32, AdamW 1e-3, "
+          f"{args.threads} threads; test split")
+    print(f"{'contender':24s} {'accuracy':>8s} {'rmse':>6s} {'mae':>6s} {'macro':>6s} {'off-by-1':>8s} "
+          f"{'seconds':>7s} {'best epoch':>10s}")
+    for name, m, seconds, best_epoch in rows:
+        print(f"{name:24s} {m['accuracy']:8.4f} {m['rmse']:6.3f} {m['mae']:6.3f} {m['macro_accuracy']:6.3f} "
+              f"{m['off_by_one_accuracy']:8.3f} {seconds:7.0f} {best_epoch:10d}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sample", default=DEFAULT_SAMPLE)
     parser.add_argument("--archs", nargs="+", default=["resnet18", "resnet50"])
-    parser.add_argument("--steps", type=int, nargs="+", default=[6, 3], help="timed steps per arch (after 1 warm-up)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[8, 4], help="timed steps per arch (after 1 warm-up)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers, same for both pipelines")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", default="auto", help="bincounter's train.precision: auto | bf16 | fp32")
     parser.add_argument("--repeats", type=int, default=1, help="run each pipeline this many times, interleaved")
-    parser.add_argument("--n", type=int, default=240, help="sample images to fetch/split/prepare")
+    parser.add_argument("--n", type=int, default=320, help="sample images to fetch/split/prepare")
     # internal: run one configuration
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--arch", help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--accuracy", action="store_true",
-                        help="instead: train bincounter (resnet18, 128 px from prepared 144) on a split of --n "
-                             "count 0-5 images for --epochs and report test metrics")
+                        help="instead: train bincounter (each of --losses) and the baseline (resnet18, --size px) on a "
+                             "split of --n count 0-5 images for --epochs each and compare test metrics")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--size", type=int, default=128, help="with --accuracy: training image size")
+    parser.add_argument("--losses", nargs="+", default=["emd", "ce"], help="with --accuracy: bincounter losses")
+    parser.add_argument("--skip-baseline", action="store_true", help="with --accuracy: bincounter only")
     args = parser.parse_args()
     if args.accuracy:
         accuracy(args)
@@ -177,7 +277,8 @@ def main() -> None:
             for pipeline in ("baseline", "bincounter") * args.repeats:
                 cmd = [sys.executable, __file__, "--one", "--arch", arch, "--pipeline", pipeline, "--root", str(root),
                        "--steps", str(steps[arch]), "--batch-size", str(args.batch_size),
-                       "--num-workers", str(args.num_workers), "--threads", str(args.threads)]
+                       "--num-workers", str(args.num_workers), "--threads", str(args.threads),
+                       "--precision", args.precision]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode:
                     sys.exit(f"{arch}/{pipeline} failed:\n{proc.stderr[-3000:]}")
@@ -187,18 +288,17 @@ def main() -> None:
                 results.append(result)
     print(f"\ntorch CPU, {args.threads} threads, {os.cpu_count()} cores, batch {args.batch_size}, 224x224, "
           f"DataLoader workers {args.num_workers}")
-    print("arch      pipeline    steps  mean img/s  median img/s  best img/s  data share  peak RSS MB  loader-only img/s (best batch)")
+    print("arch      pipeline    precision  steps  mean img/s  median img/s  best img/s  data share  peak RSS MB")
     for r in results:
-        print(f"{r['arch']:9s} {r['pipeline']:10s}  {r['steps']:5d}  {r['images_per_s']:10.2f}  "
+        print(f"{r['arch']:9s} {r['pipeline']:10s}  {r['precision']:9s}  {r['steps']:5d}  {r['images_per_s']:10.2f}  "
               f"{r['median_step_images_per_s']:12.2f}  {r['best_step_images_per_s']:10.2f}  "
-              f"{r['data_share']:10.0%}  {r['peak_rss_mb']:11.0f}  {r['data_only_images_per_s']:20.1f}")
+              f"{r['data_share']:10.0%}  {r['peak_rss_mb']:11.0f}")
     for arch in args.archs:
         base, ours = (max((r for r in results if r["arch"] == arch and r["pipeline"] == p),
-                          key=lambda r: r["best_step_images_per_s"])
+                          key=lambda r: r["median_step_images_per_s"])
                       for p in ("baseline", "bincounter"))
         print(f"{arch}: bincounter / baseline = {ours['images_per_s'] / base['images_per_s']:.2f}x full step (mean), "
-              f"{ours['best_step_images_per_s'] / base['best_step_images_per_s']:.2f}x (best step), "
-              f"{ours['data_only_images_per_s'] / base['data_only_images_per_s']:.2f}x loader only")
+              f"{ours['median_step_images_per_s'] / base['median_step_images_per_s']:.2f}x (median step)")
 
 
 if __name__ == "__main__":

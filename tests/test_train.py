@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import math
 import os
 import subprocess
 import sys
@@ -238,3 +239,36 @@ def test_evaluate_an_unknown_model_is_a_one_line_error(trained, tmp_path, capsys
     assert main(args) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if "Traceback" in line or "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("error: cannot load model models:/no-such-model/1: ")
+
+
+class RandomBins(Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8), torch.tensor(index % 6)
+
+
+@pytest.mark.parametrize("precision, compute_dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_precision_sets_the_compute_dtype_and_keeps_weights_fp32(tmp_path, precision, compute_dtype):
+    config = config_on(tmp_path, tmp_path, **{"train.precision": precision})
+    model = build_model("resnet18", 6)
+    seen = []
+    model.backbone.fc.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    before = model.backbone.fc.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss = train_one_epoch(model, DataLoader(RandomBins(), batch_size=4), optimizer, torch.device("cpu"),
+                           config.train, None, RunHistory(), show_progress=False)
+    assert seen == [compute_dtype, compute_dtype] and math.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not torch.equal(before, model.backbone.fc.weight)  # the bf16 step still updated the fp32 weights
+
+
+def test_auto_precision_follows_the_cpu_and_bad_values_are_refused(tmp_path):
+    from bincounter.train import autocast_dtype, native_bf16
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) == (torch.bfloat16 if native_bf16(cpu) else None)
+    assert autocast_dtype("fp32", cpu) is None and autocast_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(BincounterError, match="train.precision must be auto, bf16 or fp32"):
+        config_on(tmp_path, tmp_path, **{"train.precision": "fp16"})

@@ -30,6 +30,7 @@ TRAIN_FLAGS: dict[str, tuple[str, type | None, str]] = {
     "patience": ("train.patience", None, "early stopping patience (epochs)"),
     "num_workers": ("train.num_workers", None, "data loader workers (-1 = auto)"),
     "device": ("train.device", None, "auto | cpu | cuda"),
+    "precision": ("train.precision", None, "auto | bf16 | fp32 (auto: bf16 on GPUs and CPUs with native bf16)"),
     "data_dir": ("train.data_dir", None, "prepared data folder (train/ val/ test/)"),
     "checkpoint_dir": ("train.checkpoint_dir", None, "checkpoint folder (--resume reads it)"),
     "profile_steps": ("train.profile_steps", None, "torch.profiler steps to record (0 = off)"),

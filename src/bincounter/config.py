@@ -78,6 +78,7 @@ class TrainConfig:
     patience: int = 4
     num_workers: int = -1
     device: str = "auto"
+    precision: str = "auto"
     profile_steps: int = 5
     checkpoint_dir: str = "checkpoints"
     data_dir: str = "data/prepared"
@@ -252,6 +253,8 @@ def validate(config: Config) -> None:
         )
     if config.train.optimizer not in ("adamw", "sgd"):
         raise BincounterError(f"train.optimizer must be adamw or sgd, got {config.train.optimizer!r}")
+    if config.train.precision not in ("auto", "bf16", "fp32"):
+        raise BincounterError(f"train.precision must be auto, bf16 or fp32, got {config.train.precision!r}")
     if config.train.backend not in ("local", "sagemaker"):
         raise BincounterError(f"backend must be local or sagemaker, got {config.train.backend!r}")
     if config.hpo.objective not in ("macro_accuracy", "rmse"):

@@ -27,12 +27,12 @@ class BinCounterNet(nn.Module):
         self.backbone = backbone
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+        # NHWC: cuDNN and oneDNN (CPU) convolutions run faster on it, in training and in serving alike
+        self.backbone.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() - self.mean) / self.std
-        if images.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.backbone(x)
+        return self.backbone(x.contiguous(memory_format=torch.channels_last))
 
 
 def _replace_head(model: nn.Module, num_classes: int) -> nn.Module:

@@ -26,6 +26,7 @@ HP_KEYS = {
     "emd_weight": "train.emd_weight", "class_balance": "train.class_balance", "augment": "train.augment",
     "image_size": "train.image_size", "seed": "train.seed", "patience": "train.patience",
     "max_count": "data.max_count", "profile_steps": "train.profile_steps", "num_workers": "train.num_workers",
+    "precision": "train.precision",
     "experiment": "mlflow.experiment", "model_name": "mlflow.model_name",
 }
 

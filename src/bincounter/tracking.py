@@ -103,6 +103,11 @@ def log_epoch(epoch: int, metrics: dict) -> None:
     mlflow.log_metrics({k: float(metrics[k]) for k in EPOCH_METRICS if k in metrics}, step=epoch)
 
 
+def set_hardware_tags(device: str, precision: str) -> None:
+    """What the run actually trained on (train.device/precision may say `auto`)."""
+    mlflow.set_tags({"device": device, "precision": precision})
+
+
 def log_test(test: dict, num_classes: int, out_dir: Path, prefix: str = "test") -> None:
     plots = Path(out_dir) / "plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -121,7 +126,7 @@ def log_test(test: dict, num_classes: int, out_dir: Path, prefix: str = "test") 
 def write_profile(result, profile_dir: Path, config: Config) -> Path:
     profile_dir.mkdir(parents=True, exist_ok=True)
     rules = check_rules(result.history)
-    context = {"device": result.device, "arch": config.train.arch, "batch size": config.train.batch_size,
+    context = {"device": result.device, "precision": result.precision, "arch": config.train.arch, "batch size": config.train.batch_size,
                "epochs run": len(result.history.train_loss), "best epoch": result.best_epoch}
     report = write_report(profile_dir / "report.md", rules, result.history, result.top_operators, context)
     lines = ["rule,status,evidence"] + [f'{r.name},{r.status},"{r.evidence}"' for r in rules]
