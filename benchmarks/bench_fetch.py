@@ -1,10 +1,15 @@
 """Fetch throughput: seed-notebook sequential boto3 loop vs bincounter.fetch (thread pool), against moto.
 
-    python benchmarks/bench_fetch.py [--sample ../shared/abid-sample] [--n 600] [--workers 32]
+    python benchmarks/bench_fetch.py [--sample ../shared/abid-sample] [--n 600] [--workers 32] [--latency-ms 30]
 
 Starts moto_server on a free 127.0.0.1 port (stopped by PID), seeds a public-read bucket aft-vbi-pds
 with N images + metadata from the sample, then times (a) a sequential get_object loop writing files and
 (b) bincounter.fetch.fetch(data.workers=W) into temp raw dirs. Nothing reaches the network.
+
+moto answers from the same CPU cores in microseconds of network time, so the loop here pays none of the
+round trip a real S3 GET pays (tens of ms), which is what the thread pool overlaps. With --latency-ms L
+(default 30; 0 = skip) both are timed a second time through a local TCP proxy that holds every request
+for L ms before passing it to moto: the emulator with S3's first-byte latency.
 """
 
 from __future__ import annotations
@@ -62,11 +67,87 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+class LatencyProxy:
+    """127.0.0.1 TCP proxy to `port` that delays each chunk the client sends (an HTTP request) by `delay`
+    seconds, on its own event loop thread; answers pass straight through."""
+
+    def __init__(self, port: int, delay: float):
+        import asyncio
+        import threading
+
+        self.target, self.delay, self.port = port, delay, free_port()
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def serve():
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(asyncio.start_server(self._connection, "127.0.0.1", self.port, backlog=256))
+            started.set()
+            self.loop.run_forever()
+
+        threading.Thread(target=serve, daemon=True).start()
+        started.wait(10)
+
+    async def _connection(self, client_reader, client_writer):
+        import asyncio
+
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target)
+
+        async def pipe(reader, writer, delay):
+            try:
+                while data := await reader.read(65536):
+                    if delay:
+                        await asyncio.sleep(delay)
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                writer.close()
+
+        await asyncio.gather(pipe(client_reader, server_writer, self.delay), pipe(server_reader, client_writer, 0))
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def sequential_loop(ids: list[str], out: Path) -> float:
+    """The seed notebooks: one boto3 client, one object after another. -> seconds."""
+    from bincounter.storage import s3_client
+
+    (out / "bin-images").mkdir(parents=True)
+    (out / "metadata").mkdir(parents=True)
+    client = s3_client(unsigned=True)
+    t0 = time.perf_counter()
+    for i in ids:
+        for key in (f"bin-images/{i}.jpg", f"metadata/{i}.json"):
+            (out / key).write_bytes(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    return time.perf_counter() - t0
+
+
+def bincounter_fetch(ids: list[str], root: Path, workers: int) -> float:
+    """bincounter.fetch with its thread pool (verifies each JPEG, writes atomically + fsync). -> seconds."""
+    from bincounter.config import load_config
+    from bincounter.fetch import fetch
+
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = root / "manifest.json"
+    manifest.write_text(json.dumps(ids))
+    config = load_config(root / "none.yaml", {"data.source": f"s3://{BUCKET}", "data.subset": str(manifest),
+                                              "data.raw_dir": str(root / "raw"), "data.workers": workers})
+    t0 = time.perf_counter()
+    report = fetch(config.data)
+    seconds = time.perf_counter() - t0
+    assert len(report.ids_with("ok")) == len(ids), "fetch did not get every image"
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sample", default=str(REPO / ".." / "shared" / "abid-sample"))
     parser.add_argument("--n", type=int, default=600)
     parser.add_argument("--workers", type=int, default=32)
+    parser.add_argument("--latency-ms", type=int, default=30, help="S3-like delay per request for the 2nd pass")
     args = parser.parse_args()
     sample = Path(args.sample)
     ids = sorted(p.stem for p in (sample / "metadata").glob("*.json"))[: args.n]
@@ -76,8 +157,6 @@ def main() -> None:
     proc, url = start_moto()
     os.environ["AWS_ENDPOINT_URL"] = url
     try:
-        from bincounter.config import load_config
-        from bincounter.fetch import fetch
         from bincounter.storage import s3_client
 
         client = s3_client()
@@ -95,38 +174,28 @@ def main() -> None:
                 client.put_object(Bucket=BUCKET, Key=key, Body=data)
         print(f"seeded {len(ids)} images + metadata ({nbytes / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
 
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            # (a) the seed notebooks: one boto3 client, one object after another
-            out = tmp / "seq"
-            (out / "bin-images").mkdir(parents=True)
-            (out / "metadata").mkdir(parents=True)
-            seq_client = s3_client(unsigned=True)
-            t0 = time.perf_counter()
-            for i in ids:
-                for key in (f"bin-images/{i}.jpg", f"metadata/{i}.json"):
-                    body = seq_client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-                    (out / key).write_bytes(body)
-            seq_s = time.perf_counter() - t0
-
-            # (b) bincounter.fetch with a thread pool (verifies each JPEG, writes atomically + fsync)
-            manifest = tmp / "manifest.json"
-            manifest.write_text(json.dumps(ids))
-            config = load_config(tmp / "none.yaml", {
-                "data.source": f"s3://{BUCKET}", "data.subset": str(manifest),
-                "data.raw_dir": str(tmp / "raw"), "data.workers": args.workers})
-            t0 = time.perf_counter()
-            report = fetch(config.data)
-            par_s = time.perf_counter() - t0
-            assert len(report.ids_with("ok")) == len(ids), "fetch did not get every image"
+        rows = []
+        for latency in [0] + ([args.latency_ms] if args.latency_ms else []):
+            proxy = LatencyProxy(int(url.rsplit(":", 1)[1]), latency / 1000) if latency else None
+            os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{proxy.port}" if proxy else url
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    seq_s = sequential_loop(ids, Path(tmp) / "seq")
+                    par_s = bincounter_fetch(ids, Path(tmp) / "par", args.workers)
+            finally:
+                if proxy:
+                    proxy.stop()
+            rows.append((latency, seq_s, par_s))
+            print(f"latency {latency} ms: sequential {seq_s:.1f}s, bincounter.fetch {par_s:.1f}s", flush=True)
     finally:
         stop(proc)
 
-    seq_rate, par_rate = len(ids) / seq_s, len(ids) / par_s
-    print(f"\nimages: {len(ids)} (each = 1 JPEG + 1 metadata JSON), cpu cores: {os.cpu_count()}")
-    print(f"(a) sequential boto3 loop        : {seq_s:6.1f}s  {seq_rate:7.1f} images/s")
-    print(f"(b) bincounter.fetch workers={args.workers:<3}: {par_s:6.1f}s  {par_rate:7.1f} images/s")
-    print(f"ratio (b)/(a): {par_rate / seq_rate:.2f}x")
+    print(f"\nimages: {len(ids)} (each = 1 JPEG + 1 metadata JSON), cpu cores: {os.cpu_count()}, "
+          f"bincounter.fetch workers: {args.workers}")
+    print("added latency per request | (a) sequential images/s | (b) bincounter.fetch images/s | (b)/(a)")
+    for latency, seq_s, par_s in rows:
+        seq_rate, par_rate = len(ids) / seq_s, len(ids) / par_s
+        print(f"{latency:22d} ms | {seq_rate:23.1f} | {par_rate:29.1f} | {par_rate / seq_rate:6.2f}x")
 
 
 if __name__ == "__main__":

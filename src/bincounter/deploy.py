@@ -13,7 +13,7 @@ import re
 import sys
 
 from bincounter.config import Config
-from bincounter.errors import BincounterError
+from bincounter.errors import BincounterError, first_line
 
 ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/.+")
 IMAGE_REPOSITORY = "mlflow-pyfunc"  # what `mlflow sagemaker build-and-push-container` pushes
@@ -78,7 +78,7 @@ def default_image_url(config: Config) -> str:
         ecr.describe_images(repositoryName=IMAGE_REPOSITORY, imageIds=[{"imageTag": mlflow.__version__}])
     except Exception as exc:  # noqa: BLE001 - RepositoryNotFound, ImageNotFound, no credentials...
         raise BincounterError(f"deploy.image_url is empty and ECR {IMAGE_REPOSITORY}:{mlflow.__version__} "
-                              f"is not usable ({_first_line(exc)}): {hint}") from None
+                              f"is not usable ({first_line(exc)}): {hint}") from None
     return f"{repository['repositoryUri']}:{mlflow.__version__}"
 
 
@@ -95,12 +95,6 @@ def _client(config: Config):
     from mlflow.deployments import get_deploy_client
 
     return get_deploy_client(target(config))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "message", "") or exc).strip()
-    text = re.split(r":?\s*<(?:!doctype|html)", text, maxsplit=1, flags=re.IGNORECASE)[0]  # an HTML error page
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def deploy_command(config: Config, action: str, model: str | None = None, name: str | None = None):
@@ -138,7 +132,7 @@ def deploy_command(config: Config, action: str, model: str | None = None, name: 
         raise
     except Exception as exc:  # noqa: BLE001 - MlflowException, botocore errors: one line for the user
         hint = " (it exists: use `bincounter deploy update`)" if "already exists" in str(exc) else ""
-        raise BincounterError(f"deploy {action} {name}: {_first_line(exc)}{hint}") from None
+        raise BincounterError(f"deploy {action} {name}: {first_line(exc)}{hint}") from None
     raise BincounterError(f"unknown deploy action {action!r} (create, update, get, delete, list)")
 
 

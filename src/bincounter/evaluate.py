@@ -11,7 +11,7 @@ from mlflow.exceptions import MlflowException
 
 from bincounter import tracking
 from bincounter.config import Config
-from bincounter.errors import BincounterError
+from bincounter.errors import BincounterError, first_line
 from bincounter.model import MODEL_CONFIG_FILE, load_model_dir
 
 
@@ -20,7 +20,7 @@ def local_model_dir(model_uri: str) -> Path:
     try:
         root = Path(mlflow.artifacts.download_artifacts(model_uri))
     except (MlflowException, OSError) as exc:
-        raise BincounterError(f"cannot load model {model_uri}: {str(exc).splitlines()[0]}") from None
+        raise BincounterError(f"cannot load model {model_uri}: {first_line(exc)}") from None
     # MLflow keeps the logged folder under its own name (artifacts/model), so find it by its config file
     found = sorted((root / "artifacts").glob(f"*/{MODEL_CONFIG_FILE}"))
     if not found:

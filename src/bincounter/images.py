@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from bincounter.errors import first_line
+
 # Bilinear with antialiasing (Pillow's resize filters always antialias when shrinking).
 RESAMPLE = Image.BILINEAR
 
@@ -28,7 +30,7 @@ def open_image(data: bytes) -> Image.Image:
     except UnidentifiedImageError:
         raise BadImage("not an image") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise BadImage(f"corrupt image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise BadImage(f"corrupt image ({first_line(exc)})") from None
     return image
 
 
@@ -44,7 +46,7 @@ def verify_jpeg(data: bytes) -> tuple[int, int]:
     except UnidentifiedImageError:
         raise BadImage("not an image") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise BadImage(f"corrupt JPEG ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise BadImage(f"corrupt JPEG ({first_line(exc)})") from None
     return size
 
 
@@ -62,7 +64,7 @@ def decode_and_resize(data: bytes, size: int) -> np.ndarray:
     except UnidentifiedImageError:
         raise BadImage("not an image") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise BadImage(f"corrupt image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise BadImage(f"corrupt image ({first_line(exc)})") from None
     if image.size != (size, size):
         image = image.resize((size, size), RESAMPLE)
     return np.asarray(image, dtype=np.uint8)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bincounter.config import Config
-from bincounter.errors import BincounterError
+from bincounter.errors import BincounterError, first_line
 from bincounter.storage import is_s3, parse_s3_uri, s3_client
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -44,7 +44,7 @@ class ImageRef:
                 return client.get_object(Bucket=self.bucket, Key=self.key)["Body"].read()
             return Path(self.name).read_bytes()
         except Exception as exc:  # noqa: BLE001 - OSError or botocore's errors, one line either way
-            raise BincounterError(f"{self.name}: cannot read ({_first_line(exc)})") from None
+            raise BincounterError(f"{self.name}: cannot read ({first_line(exc)})") from None
 
 
 # ------------------------------------------------------------------ finding images
@@ -81,7 +81,7 @@ def _s3_images(uri: str) -> list[ImageRef]:
                 if key.lower().endswith(IMAGE_SUFFIXES):
                     refs.append(ImageRef(f"s3://{bucket}/{key}", Path(key).stem, bucket, key))
     except Exception as exc:  # noqa: BLE001
-        raise BincounterError(f"{uri}: cannot list ({_first_line(exc)})") from None
+        raise BincounterError(f"{uri}: cannot list ({first_line(exc)})") from None
     return sorted(refs, key=lambda ref: ref.name)
 
 
@@ -105,7 +105,7 @@ def local_predictor(config: Config, model: str | None = None) -> Predictor:
     try:
         pyfunc = mlflow.pyfunc.load_model(uri)
     except Exception as exc:  # noqa: BLE001 - MlflowException, OSError, a broken pickle...
-        raise BincounterError(f"cannot load model {uri}: {_first_line(exc)}") from None
+        raise BincounterError(f"cannot load model {uri}: {first_line(exc)}") from None
 
     def predict(images: list[str]) -> list[dict]:
         try:
@@ -132,7 +132,7 @@ def endpoint_predictor(name: str, region: str) -> Predictor:
             message = getattr(exc, "response", {}).get("OriginalMessage") or str(exc)
             if _ROW.search(message):
                 raise _RowError(message) from None
-            raise BincounterError(f"endpoint {name} ({region}): {_first_line(exc)}") from None
+            raise BincounterError(f"endpoint {name} ({region}): {first_line(exc)}") from None
         return _parse_predictions(payload, len(images), name)
 
     return predict
@@ -213,12 +213,7 @@ def _predict_batch(predictor: Predictor, refs: list[ImageRef], images: list[str]
         match = _ROW.search(str(exc))
         if match and int(match.group(1)) < len(refs):
             raise BincounterError(f"{refs[int(match.group(1))].name}: {match.group(2).strip()}") from None
-        raise BincounterError(f"prediction failed: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise BincounterError(f"prediction failed: {first_line(exc)}") from None
 
 
 # ------------------------------------------------------------------ predict

@@ -30,7 +30,7 @@ import yaml
 
 from bincounter import sagemaker_env
 from bincounter.config import Config
-from bincounter.errors import BincounterError
+from bincounter.errors import BincounterError, first_line
 
 ENTRY_SCRIPT = "sm_entry.py"
 REQUIREMENTS = "requirements.txt"
@@ -306,9 +306,8 @@ def make_trainer(config: Config, session, region: str, *, environment: dict[str,
             environment=dict(environment or {}),
         )
     except Exception as exc:  # noqa: BLE001 - role validation, pydantic and botocore errors from the SDK
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
-        raise BincounterError(f"the SageMaker SDK rejected the job settings ({type(exc).__name__}): {first}") from None
+        raise BincounterError(f"the SageMaker SDK rejected the job settings ({type(exc).__name__}): "
+                              f"{first_line(exc)}") from None
     trainer.with_metric_definitions([MetricDefinition(name=d["Name"], regex=d["Regex"]) for d in metric_definitions()])
     return trainer
 
