@@ -528,3 +528,65 @@ def test_mirror_tuning_job_from_describe_results(sm):
     assert first.data.metrics["sagemaker/test_macro_accuracy"] == pytest.approx(0.4)
     assert backend.mirror_tuning_job(config, "bc-hpo-1", parent.info.run_id, description=tuning_description(best),
                                      client=StubSageMaker(jobs))["children"] == 0
+
+
+def test_best_tuning_job_model_is_registered_from_its_artifact(sm, capsys):
+    """The best job is a real (emulated) training job whose model.tar.gz is on S3: mirroring the tuning job
+    logs that model into the best child run and registers it with the champion rule, once."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from bincounter import sagemaker_backend as backend
+    from bincounter import tracking
+    from bincounter.storage import parse_s3_uri
+
+    job_name = "bc-hpo-1-002"
+    sm.client.create_training_job(
+        TrainingJobName=job_name, RoleArn=sm.role,
+        AlgorithmSpecification={"TrainingImage": "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.5",
+                                "TrainingInputMode": "File"},
+        OutputDataConfig={"S3OutputPath": f"s3://{BUCKET}/hpo/output"},
+        ResourceConfig={"InstanceType": "ml.g5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30},
+        StoppingCondition={"MaxRuntimeInSeconds": 3600})
+    artifact = sm.client.describe_training_job(TrainingJobName=job_name)["ModelArtifacts"]["S3ModelArtifacts"]
+    model_tar, output_tar = job_archives(sm.tmp)
+    bucket, key = parse_s3_uri(artifact)
+    sm.s3.upload_file(str(model_tar), bucket, key)
+    sm.s3.upload_file(str(output_tar), bucket, key.rsplit("/", 1)[0] + "/output.tar.gz")
+
+    config = sm.make()
+    tracking.setup(config)
+    experiment = mlflow.get_experiment_by_name(config.mlflow.experiment).experiment_id
+    client = MlflowClient(config.mlflow.tracking_uri)
+    parent = client.create_run(experiment, run_name="hpo")
+    description = tuning_description(_job(job_name, "Completed", "0.01", 0.6))
+    backend.mirror_tuning_job(config, "bc-hpo-1", parent.info.run_id, description=description, client=sm.client)
+
+    [child] = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert child.info.status == "FINISHED" and child.data.tags["hpo.model"] == "logged"
+    assert child.data.metrics["test_macro_accuracy"] == 0.4  # from the job's metrics.json
+    champion = client.get_model_version_by_alias(config.mlflow.model_name, "champion")
+    assert str(champion.version) == "1" and champion.run_id == child.info.run_id
+    assert "profile/report.md" in {a.path for a in client.list_artifacts(child.info.run_id, "profile")}
+
+    # mirroring again registers nothing new
+    backend.mirror_tuning_job(config, "bc-hpo-1", parent.info.run_id, description=description, client=sm.client)
+    assert len(client.search_model_versions(f"name = '{config.mlflow.model_name}'")) == 1
+
+
+def test_best_tuning_job_without_a_model_is_reported_and_stays_finished(sm, capsys):
+    from mlflow import MlflowClient
+
+    from bincounter import sagemaker_backend as backend
+    from bincounter import tracking
+
+    config = sm.make()
+    tracking.setup(config)
+    client = MlflowClient(config.mlflow.tracking_uri)
+    parent = client.create_run(client.get_experiment_by_name(config.mlflow.experiment).experiment_id, run_name="hpo")
+    description = tuning_description(_job("bc-hpo-9-001", "Completed", "0.01", 0.6))  # no such training job
+    backend.mirror_tuning_job(config, "bc-hpo-9", parent.info.run_id, description=description, client=sm.client)
+    assert "hpo: the best job's model was not registered" in capsys.readouterr().out
+    [child] = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert child.info.status == "FINISHED" and "hpo.model" not in child.data.tags
+    assert not client.search_model_versions(f"name = '{config.mlflow.model_name}'")

@@ -79,6 +79,13 @@ def test_registered_champion_counts_real_images_through_the_contract(trained):
     assert 0 <= png["count"][0] <= 5
 
 
+def test_logged_model_stores_the_weights_once(trained):
+    root = Path(mlflow.artifacts.download_artifacts("models:/bin-counter@champion"))
+    weights = next(root.glob("artifacts/*/weights.pt")).stat().st_size
+    assert weights > 10 * 2**20  # resnet18
+    assert (root / "python_model.pkl").stat().st_size < 2**20  # the wrapper only, not a second copy
+
+
 @pytest.mark.parametrize("rows, message", [
     (["not base64 at all!"], "row 0: 'image' is not valid base64"),
     (["__VALID__", base64.b64encode(b"just some text").decode()], "row 1: not an image"),

@@ -142,16 +142,16 @@ def log_pyfunc(model_dir: Path, example_b64: str, registered_model_name: str | N
     """Log (and optionally register) the pyfunc; the bincounter package travels with it as code."""
     import bincounter
 
-    example = pd.DataFrame({"image": [example_b64]})
-    model = BinCounterPyfunc()
     from mlflow.models import infer_signature
     from mlflow.pyfunc import PythonModelContext
 
-    model.load_context(PythonModelContext(artifacts={"model_dir": str(model_dir)}, model_config={}))
-    signature = infer_signature(example, model.predict(None, example))
+    example = pd.DataFrame({"image": [example_b64]})
+    loaded = BinCounterPyfunc()  # only to infer the signature; the logged instance stays empty, so
+    loaded.load_context(PythonModelContext(artifacts={"model_dir": str(model_dir)}, model_config={}))
+    signature = infer_signature(example, loaded.predict(None, example))  # the weights are stored once
     return mlflow.pyfunc.log_model(
         name="model",
-        python_model=model,
+        python_model=BinCounterPyfunc(),
         artifacts={"model_dir": str(model_dir)},
         code_paths=[str(Path(bincounter.__file__).parent)],
         signature=signature,

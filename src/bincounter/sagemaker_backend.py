@@ -825,6 +825,34 @@ def launch_tuning(config: Config, pinned: set[str] | None = None) -> dict:
     return result
 
 
+def _register_best_job(config: Config, client, job_name: str, parent) -> None:
+    """The best job's model, metrics and profile into its child run (once), registered with the champion rule.
+    A job whose model cannot be read is reported and left unregistered: the search results stand."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    runs = MlflowClient().search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
+        f"tags.`sagemaker.training_job_name` = '{job_name}'", max_results=1)
+    if not runs or runs[0].data.tags.get("hpo.model") == "logged":
+        return
+    problem = None
+    try:
+        details = client.describe_training_job(TrainingJobName=job_name)
+    except Exception as exc:  # noqa: BLE001 - botocore: the search itself succeeded
+        problem = exc
+    else:
+        with mlflow.start_run(run_id=runs[0].info.run_id, nested=True):  # ends FINISHED, as the job did
+            try:
+                record_job(config, details, region=resolve_region(config))
+                mlflow.set_tag("hpo.model", "logged")
+            except Exception as exc:  # noqa: BLE001 - no model.tar.gz, not a bincounter model...
+                problem = exc
+    if problem is not None:
+        print(f"hpo: the best job's model was not registered ({first_line(problem)}); retrain it with its "
+              "parameters to register it")
+
+
 def _tuning_summaries(client, name: str, description: dict) -> list[dict]:
     """Every training job of the tuning job; where listing is unavailable (moto answers 500), the best jobs
     from the describe answer."""
@@ -854,9 +882,10 @@ def _tuning_summaries(client, name: str, description: dict) -> list[dict]:
 
 
 def mirror_tuning_job(config: Config, tuning_job_name: str, parent_run_id: str, *, description: dict | None = None,
-                      client=None) -> dict:
+                      client=None, register: bool = True) -> dict:
     """Each training job of a tuning job becomes a child run of `parent_run_id` (hyperparameters, final
-    metrics, status); the parent records the best job, its parameters and objective value.
+    metrics, status); the parent records the best job, its parameters and objective value. With a client,
+    the best job's model.tar.gz is logged into its child run and registered with the champion rule.
 
     Idempotent: jobs already mirrored under the parent are skipped. `description` (a
     DescribeHyperParameterTuningJob answer) may be given instead of a client.
@@ -925,6 +954,8 @@ def mirror_tuning_job(config: Config, tuning_job_name: str, parent_run_id: str, 
             tracking_client.log_metric(parent_run_id, f"best_{config.hpo.objective}", float(best_value))
         print(f"hpo: best SageMaker job {best['TrainingJobName']} {config.hpo.objective}={best_value} "
               f"params={best_params}")
+        if client is not None and register:
+            _register_best_job(config, client, best["TrainingJobName"], parent)
     counters = description.get("TrainingJobStatusCounters") or {}
     if counters and mlflow.active_run() is not None and mlflow.active_run().info.run_id == parent_run_id:
         mlflow.log_metrics({f"trials_{k.lower()}": float(v) for k, v in counters.items()})
