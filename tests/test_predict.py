@@ -5,7 +5,10 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 import urllib.request
 
 import boto3
@@ -89,6 +92,22 @@ def test_predict_s3_prefix(aws, params, reference, capsys):
 
     assert main(["predict", *params, "s3://aft-vbi-pds/nothing-here/"]) == 1
     assert "no .jpg/.jpeg/.png images found" in capsys.readouterr().err
+
+
+def test_predict_public_bucket_without_aws_credentials(aws, params, reference, tmp_path):
+    """Like s3://aft-vbi-pds for a user with no AWS account: reads go unsigned. A fresh process, because
+    boto3's default session in this one has already resolved the test credentials."""
+    seed_bucket(ids=["00013", "00024"])
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true")
+    result = subprocess.run([sys.executable, "-m", "bincounter", "predict", *params,
+                             "s3://aft-vbi-pds/bin-images/00024.jpg"], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [row] = json_lines(result.stdout)
+    assert row["image"] == "s3://aft-vbi-pds/bin-images/00024.jpg"
+    assert row["count"] == reference[str(IMAGES / "00024.jpg")]["count"]
 
 
 def queue_endpoint_results(moto_url: str, bodies: list[str]) -> None:

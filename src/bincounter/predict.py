@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bincounter.config import Config
 from bincounter.errors import BincounterError, first_line
-from bincounter.storage import is_s3, parse_s3_uri, s3_client
+from bincounter.storage import is_s3, parse_s3_uri, s3_reader
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 ENDPOINT_MAX_BYTES = 5 * 2**20  # SageMaker real-time payloads are capped at 6 MB (serverless: 4 MB)
@@ -72,7 +72,7 @@ def _local_images(path: Path) -> list[ImageRef]:
 
 def _s3_images(uri: str) -> list[ImageRef]:
     bucket, prefix = parse_s3_uri(uri)
-    client = s3_client()
+    client = s3_reader()
     refs = []
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
@@ -175,7 +175,7 @@ def predict_images(predictor: Predictor, refs: list[ImageRef], batch_size: int =
 
     if batch_size < 1:
         raise BincounterError(f"--batch-size must be at least 1, got {batch_size}")
-    client = s3_client(max_pool_connections=READ_THREADS) if any(r.bucket for r in refs) else None
+    client = s3_reader(max_pool_connections=READ_THREADS) if any(r.bucket for r in refs) else None
     chunks = [refs[start : start + batch_size] for start in range(0, len(refs), batch_size)]
     bar = tqdm(total=len(refs), unit="img", file=sys.stderr, leave=False,
                disable=len(refs) < PROGRESS_MIN_IMAGES or len(chunks) < 2)

@@ -24,6 +24,18 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def have_aws_credentials() -> bool:
+    import boto3
+
+    return boto3.Session().get_credentials() is not None
+
+
+def s3_reader(max_pool_connections: int = 10):
+    """For reading images: signed when credentials are configured (private buckets), else unsigned, so public
+    buckets such as aft-vbi-pds work without an AWS account."""
+    return s3_client(unsigned=not have_aws_credentials(), max_pool_connections=max_pool_connections)
+
+
 def s3_client(unsigned: bool = False, max_pool_connections: int = 10, region: str | None = None):
     """A boto3 S3 client. Unsigned clients read public buckets (like aft-vbi-pds) without credentials."""
     import boto3
