@@ -51,6 +51,10 @@ def test_run_logs_metrics_params_lineage_plots_and_profile(trained):
     assert run.data.params["train.arch"] == "resnet18"
     assert len(run.data.tags["git_commit"]) == 40
     assert run.data.tags["rule.loss_not_decreasing"] in ("pass", "fail")
+    from bincounter.train import native_bf16
+
+    assert run.data.tags["device"] == "cpu"  # train.precision auto: bf16 exactly where this CPU computes it natively
+    assert run.data.tags["precision"] == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "plots")}
     assert {"plots/confusion_matrix.png", "plots/per_class_accuracy.png"} <= artifacts
     profile = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "profile")}

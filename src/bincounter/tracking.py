@@ -126,8 +126,8 @@ def log_test(test: dict, num_classes: int, out_dir: Path, prefix: str = "test") 
 def write_profile(result, profile_dir: Path, config: Config) -> Path:
     profile_dir.mkdir(parents=True, exist_ok=True)
     rules = check_rules(result.history)
-    context = {"device": result.device, "precision": result.precision, "arch": config.train.arch, "batch size": config.train.batch_size,
-               "epochs run": len(result.history.train_loss), "best epoch": result.best_epoch}
+    context = {"device": result.device, "precision": result.precision, "arch": config.train.arch,
+               "batch size": config.train.batch_size, "epochs run": len(result.history.train_loss), "best epoch": result.best_epoch}
     report = write_report(profile_dir / "report.md", rules, result.history, result.top_operators, context)
     lines = ["rule,status,evidence"] + [f'{r.name},{r.status},"{r.evidence}"' for r in rules]
     (profile_dir / "rules.csv").write_text("\n".join(lines) + "\n")

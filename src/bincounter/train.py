@@ -76,6 +76,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
@@ -163,7 +167,7 @@ def predict_loader(model: torch.nn.Module, loader, device: torch.device, cfg: Tr
     dtype = autocast_dtype(cfg.precision, device) if cfg is not None else None
     for images, counts in loader:
         images, counts = images.to(device, non_blocking=True), counts.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with autocast(device, dtype):
             logits = model(images)
         if cfg is not None:
             total += float(count_loss(logits, counts, cfg, weights)) * len(counts)
@@ -212,7 +216,7 @@ def train_one_epoch(model, loader, optimizer, device, cfg, weights, history: Run
     for step, (images, counts) in enumerate(bar):
         images, counts = images.to(device, non_blocking=True), counts.to(device, non_blocking=True)
         timer.data_ready()
-        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with autocast(device, dtype):
             logits = model(images)
         loss = count_loss(logits, counts, cfg, weights)
         if not torch.isfinite(loss):
