@@ -15,6 +15,7 @@ for L ms before passing it to moto: the emulator with S3's first-byte latency.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -57,14 +58,19 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     raise RuntimeError("moto_server did not start")
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen, timeout: float = 10.0, group: bool = False) -> None:
+    """SIGTERM by PID, SIGKILL after `timeout`. group=True for a process started with start_new_session:
+    the kill reaches its whole group, and a child that outlived it is stopped too."""
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
+            (os.killpg if group else os.kill)(proc.pid, signal.SIGKILL)
             proc.wait()
+    if group:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
 
 
 class LatencyProxy:

@@ -19,14 +19,14 @@ import argparse
 import base64
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from bench_fetch import free_port, stop  # this folder is on sys.path when a script here runs
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "tests" / "fixtures" / "abid" / "bin-images"
@@ -77,9 +77,7 @@ class InProcess:
 
 class Server:
     def __init__(self, model_uri: str, tracking_uri: str, log: Path, threads: int | None = None):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
         if threads:
             env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))  # torch's intra-op pool
@@ -122,13 +120,7 @@ class Server:
         return peaks
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop(self.proc, timeout=20, group=True)
 
 
 # ------------------------------------------------------------------ measurements

@@ -7,6 +7,7 @@ and models are built with weights=None.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -47,6 +48,21 @@ def wait_for_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None
     raise RuntimeError(f"{url} did not answer within {timeout}s")
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0, group: bool = False) -> None:
+    """SIGTERM by PID, SIGKILL after `timeout`. group=True for a process started with start_new_session:
+    the kill reaches its whole group, and a child that outlived it is stopped too."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            (os.killpg if group else os.kill)(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if group:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+
+
 class MotoServer:
     """A moto_server process on a free loopback port, stopped by its PID."""
 
@@ -65,13 +81,7 @@ class MotoServer:
         urllib.request.urlopen(urllib.request.Request(self.url + "/moto-api/reset", method="POST"), timeout=10)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -113,6 +123,13 @@ def aws(moto_server, monkeypatch):
 def fixture_labels() -> dict[str, int]:
     with open(FIXTURES / "labels.csv", newline="") as handle:
         return {row["image_id"]: int(row["expected_quantity"]) for row in csv.DictReader(handle)}
+
+
+def fixture_b64(image_id: str) -> str:
+    """A fixture photo as the served contract takes it: base64 of the JPEG bytes."""
+    from bincounter.pyfunc import encode_image_file
+
+    return encode_image_file(FIXTURES / "bin-images" / f"{image_id}.jpg")
 
 
 def seed_bucket(bucket: str = SOURCE_BUCKET, ids=None) -> list[str]:

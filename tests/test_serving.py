@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -14,7 +13,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, free_port, wait_for_http
+from conftest import FIXTURES, fixture_b64, free_port, stop_process, wait_for_http
 
 MAX_IMAGE_BYTES = 2**20  # the server under test refuses images above 1 MiB (BINCOUNTER_MAX_IMAGE_BYTES)
 pytestmark = pytest.mark.slow
@@ -35,26 +34,11 @@ def server(_trained_once, tmp_path_factory):
     try:
         wait_for_http(url + "/ping", timeout=120, proc=proc)
     except RuntimeError:
-        _stop(proc)
+        stop_process(proc, timeout=20, group=True)
         raise RuntimeError(f"mlflow models serve did not start:\n{log_path.read_text()[-3000:]}") from None
+    # SIGTERM to the `mlflow models serve` PID stops its uvicorn child; the group we created is the fallback
     yield {"url": url, "proc": proc, "log": log_path}
-    _stop(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the `mlflow models serve` PID stops its uvicorn child; the group we created is the fallback."""
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    try:
-        os.killpg(proc.pid, 0)
-    except ProcessLookupError:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)  # a worker outlived its parent
+    stop_process(proc, timeout=20, group=True)
 
 
 def post(url: str, body, content_type: str = "application/json") -> tuple[int, dict | str]:
@@ -69,10 +53,6 @@ def post(url: str, body, content_type: str = "application/json") -> tuple[int, d
         return status, json.loads(text)
     except ValueError:
         return status, text
-
-
-def b64_file(image_id: str) -> str:
-    return base64.b64encode((FIXTURES / "bin-images" / f"{image_id}.jpg").read_bytes()).decode()
 
 
 def split_body(rows, columns=("image",)) -> dict:
@@ -96,7 +76,7 @@ def test_counts_every_fixture_image_like_the_model_in_process(server, trained):
     import pandas as pd
 
     ids = fixture_ids()
-    images = [b64_file(i) for i in ids]
+    images = [fixture_b64(i) for i in ids]
     status, answer = post(server["url"], split_body([[b] for b in images]))
     assert status == 200, answer
     served = answer["predictions"]
@@ -118,7 +98,7 @@ def test_counts_every_fixture_image_like_the_model_in_process(server, trained):
     pytest.param({"inputs": {"image": ["IMG"]}}, id="inputs"),
 ])
 def test_other_mlflow_request_formats(server, body):
-    body = json.loads(json.dumps(body).replace("IMG", b64_file("00024")))
+    body = json.loads(json.dumps(body).replace("IMG", fixture_b64("00024")))
     status, answer = post(server["url"], body)
     assert status == 200, answer
     assert len(answer["predictions"]) == 1
@@ -158,13 +138,13 @@ def test_bad_request_gets_4xx_with_a_message_and_server_keeps_serving(server, na
     message = answer["message"] if isinstance(answer, dict) else answer
     assert words in message
 
-    status, answer = post(server["url"], split_body([[b64_file("00013")]]))
+    status, answer = post(server["url"], split_body([[fixture_b64("00013")]]))
     assert status == 200 and len(answer["predictions"]) == 1
     assert server["proc"].poll() is None
 
 
 def test_bad_row_names_its_index_in_a_mixed_batch(server):
-    rows = [[b64_file("00013")], [b64_file("00024")], ["bm90IGFuIGltYWdl"]]
+    rows = [[fixture_b64("00013")], [fixture_b64("00024")], ["bm90IGFuIGltYWdl"]]
     status, answer = post(server["url"], split_body(rows))
     assert status == 400
     assert "row 2: not an image" in answer["message"]

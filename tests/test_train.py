@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import FIXTURES, config_on, fixture_labels
+from conftest import FIXTURES, config_on, fixture_b64, fixture_labels
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from torch.utils.data import DataLoader, Dataset
@@ -29,10 +29,6 @@ from bincounter.profiling import RunHistory, check_rules
 from bincounter.train import CHECKPOINT_FILE, count_loss, fit, train_one_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def b64(image_id: str) -> str:
-    return base64.b64encode((FIXTURES / "bin-images" / f"{image_id}.jpg").read_bytes()).decode()
 
 
 def rule(results, name):
@@ -66,7 +62,7 @@ def test_run_logs_metrics_params_lineage_plots_and_profile(trained):
 def test_registered_champion_counts_real_images_through_the_contract(trained):
     model = mlflow.pyfunc.load_model("models:/bin-counter@champion")
     ids = list(fixture_labels())[:5]
-    out = model.predict(pd.DataFrame({"image": [b64(i) for i in ids]}))
+    out = model.predict(pd.DataFrame({"image": [fixture_b64(i) for i in ids]}))
     assert list(out.columns) == ["count", "confidence", "probabilities"] and len(out) == 5
     for _, row in out.iterrows():
         probs = np.array(row["probabilities"])
@@ -96,7 +92,7 @@ def test_logged_model_stores_the_weights_once(trained):
 ])
 def test_bad_rows_raise_an_error_naming_the_row(trained, rows, message):
     model = mlflow.pyfunc.load_model("models:/bin-counter@champion")
-    rows = [b64(list(fixture_labels())[0]) if r == "__VALID__" else r for r in rows]
+    rows = [fixture_b64(list(fixture_labels())[0]) if r == "__VALID__" else r for r in rows]
     with pytest.raises(MlflowException, match=message):
         model.predict(pd.DataFrame({"image": rows}))
 

@@ -5,6 +5,7 @@ boto3 honours AWS_ENDPOINT_URL for every service, so the same code talks to AWS 
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -24,7 +25,9 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+@functools.lru_cache(maxsize=1)
 def have_aws_credentials() -> bool:
+    """Resolved once per process: without credentials boto3 may spend a second probing instance metadata."""
     import boto3
 
     return boto3.Session().get_credentials() is not None
