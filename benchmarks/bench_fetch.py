@@ -133,13 +133,13 @@ def sequential_loop(ids: list[str], out: Path) -> float:
 
 def bincounter_fetch(ids: list[str], root: Path, workers: int) -> float:
     """bincounter.fetch with its thread pool (verifies each JPEG, writes atomically + fsync). -> seconds."""
-    from bincounter.config import load_config
-    from bincounter.fetch import fetch
+    from bincounter.config import build_config
+    from bincounter.data.fetch import fetch
 
     root.mkdir(parents=True, exist_ok=True)
     manifest = root / "manifest.json"
     manifest.write_text(json.dumps(ids))
-    config = load_config(root / "none.yaml", {"data.source": f"s3://{BUCKET}", "data.subset": str(manifest),
+    config = build_config({}, {"data.source": f"s3://{BUCKET}", "data.subset": str(manifest),
                                               "data.raw_dir": str(root / "raw"), "data.workers": workers})
     t0 = time.perf_counter()
     report = fetch(config.data)

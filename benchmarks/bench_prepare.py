@@ -27,11 +27,11 @@ def sample_ids(sample: Path, n: int, max_count: int = 5) -> list[str]:
 
 
 def make_config(root: Path, sample: Path, ids: list[str], **overrides):
-    from bincounter.config import load_config
+    from bincounter.config import build_config
 
     manifest = root / "manifest.json"
     manifest.write_text(json.dumps(ids))
-    return load_config(root / "no-params.yaml", {
+    return build_config({}, {
         "data.source": str(sample), "data.subset": str(manifest), "data.raw_dir": str(root / "raw"),
         "data.workers": 8, "split.out_dir": str(root / "splits"), "split.eda_dir": str(root / "eda"),
         "prepare.out_dir": str(root / "prepared"), **overrides})
@@ -39,8 +39,8 @@ def make_config(root: Path, sample: Path, ids: list[str], **overrides):
 
 def build_splits(root: Path, sample: Path, ids: list[str], **overrides):
     """fetch (local source) + split into root; returns the config."""
-    from bincounter.fetch import fetch
-    from bincounter.split import split
+    from bincounter.data.fetch import fetch
+    from bincounter.data.split import split
 
     config = make_config(root, sample, ids, **overrides)
     fetch(config.data)
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="prepare processes (1 = a clean per-core figure)")
     args = parser.parse_args()
     from bincounter.config import with_overrides
-    from bincounter.prepare import prepare
+    from bincounter.data.prepare import prepare
 
     sample = Path(args.sample)
     ids = sample_ids(sample, args.n)

@@ -39,7 +39,7 @@ def build_model(workdir: Path, arch: str, image_size: int, stored_size: int) -> 
 
     from bincounter.model import build_model as build_net
     from bincounter.model import save_model_dir
-    from bincounter.pyfunc import log_pyfunc
+    from bincounter.serving.pyfunc import log_pyfunc
 
     tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking_uri)

@@ -4,7 +4,7 @@ bincounter's pipeline vs a seed-notebook-style baseline, same model / batch / st
     python benchmarks/bench_train.py [--sample ../shared/abid-sample] [--archs resnet18 resnet50]
                                      [--batch-size 16] [--steps 8 4] [--num-workers 0] [--precision auto]
 
-bincounter: bincounter.train.train_one_epoch itself: PreparedDataset over a prepared (N,256,256,3) uint8
+bincounter: bincounter.training.loop.train_one_epoch itself: PreparedDataset over a prepared (N,256,256,3) uint8
             array + train_transform(224, 0.5) + BinCounterNet (normalises inside, channels_last) + count_loss
             (CE + EMD), AdamW, and train.precision (auto: bf16 autocast on CPUs with AMX/AVX512-BF16).
 baseline:   ImageFolder-like dataset that opens each JPEG with PIL every epoch, Resize(224) + RandomCrop(224)
@@ -72,16 +72,17 @@ class Stamped:
 
 
 def bincounter_steps(args, steps: int) -> tuple[list[float], float, str]:
-    """bincounter's own training step: train.train_one_epoch over PreparedDataset, with the model, loss,
+    """bincounter's own training step: training.loop.train_one_epoch over PreparedDataset, with the model, loss,
     optimizer and train.precision exactly as `bincounter train` uses them. -> (step seconds, data share, precision)."""
     import torch
     from torch.utils.data import DataLoader, Subset
 
     from bincounter.config import TrainConfig
-    from bincounter.data import PreparedDataset, train_transform
+    from bincounter.training.dataset import PreparedDataset, train_transform
     from bincounter.model import build_model
-    from bincounter.profiling import RunHistory
-    from bincounter.train import autocast_dtype, build_optimizer, train_one_epoch
+    from bincounter.training.profiling import RunHistory
+    from bincounter.training.loop import autocast_dtype, build_optimizer, train_one_epoch
+    from bincounter.training.loss import make_loss
 
     cfg = TrainConfig(arch=args.arch, image_size=224, batch_size=args.batch_size, precision=args.precision,
                       num_workers=args.num_workers, epochs=1)
@@ -91,11 +92,12 @@ def bincounter_steps(args, steps: int) -> tuple[list[float], float, str]:
                                 drop_last=True))
     model = build_model(args.arch, 6)  # BinCounterNet: channels_last, normalises uint8 inside
     history = RunHistory()
-    train_one_epoch(model, loader, build_optimizer(model, cfg), torch.device("cpu"), cfg, None, history,
-                    show_progress=False)
+    amp_dtype = autocast_dtype(cfg.precision, torch.device("cpu"))
+    train_one_epoch(model, loader, build_optimizer(model, cfg), make_loss(cfg.loss, cfg.emd_weight),
+                    torch.device("cpu"), history, amp_dtype=amp_dtype, show_progress=False)
     gaps = [b - a for a, b in zip(loader.stamps, loader.stamps[1:])][1:]  # the first step is the warm-up
     share = history.data_seconds / (history.data_seconds + history.compute_seconds)
-    precision = "bf16" if autocast_dtype(cfg.precision, torch.device("cpu")) else "fp32"
+    precision = "bf16" if amp_dtype else "fp32"
     return gaps, share, precision
 
 
@@ -106,7 +108,7 @@ def baseline_steps(args, steps: int) -> tuple[list[float], float, str]:
     import torchvision
     from torch.utils.data import DataLoader
 
-    from bincounter.split import read_split
+    from bincounter.data.split import read_split
 
     rows = read_split(Path(args.root) / "splits" / "train.csv")
     dataset = jpeg_folder(Path(args.root) / "raw" / "bin-images", rows, 224, train=True)
@@ -156,8 +158,8 @@ def train_baseline(root: Path, epochs: int, size: int, batch_size: int) -> tuple
     import torchvision
     from torch.utils.data import DataLoader
 
-    from bincounter.metrics import counting_metrics
-    from bincounter.split import read_split
+    from bincounter.training.metrics import counting_metrics
+    from bincounter.data.split import read_split
 
     images = root / "raw" / "bin-images"
     loaders = {name: DataLoader(jpeg_folder(images, read_split(root / "splits" / f"{name}.csv"), size, name == "train"),
@@ -196,8 +198,9 @@ def accuracy(args) -> None:
     import torch
 
     from bincounter.config import with_overrides
-    from bincounter.prepare import prepare
-    from bincounter.train import evaluate_split, fit
+    from bincounter.data.prepare import prepare
+    from bincounter.training.loop import fit
+    from bincounter.training.run import evaluate_split
 
     torch.set_num_threads(args.threads)
     rows = []
@@ -218,7 +221,8 @@ def accuracy(args) -> None:
             t0 = time.perf_counter()
             result = fit(with_overrides(config, {"train.loss": loss}), dirs)
             seconds = time.perf_counter() - t0
-            test = evaluate_split(result.model, dirs["test"], config, torch.device("cpu"))["metrics"]
+            test = evaluate_split(result.model, dirs["test"], config.train.image_size,
+                                  config.data.num_classes, torch.device("cpu"))["metrics"]
             rows.append((f"bincounter {loss} {result.precision}", test, seconds, result.best_epoch))
             print(rows[-1], flush=True)
         if not args.skip_baseline:
@@ -265,7 +269,7 @@ def main() -> None:
         return
 
     from bincounter.config import with_overrides
-    from bincounter.prepare import prepare
+    from bincounter.data.prepare import prepare
 
     steps = dict(zip(args.archs, args.steps + [args.steps[-1]] * len(args.archs)))
     results = []

@@ -127,7 +127,7 @@ def fixture_labels() -> dict[str, int]:
 
 def fixture_b64(image_id: str) -> str:
     """A fixture photo as the served contract takes it: base64 of the JPEG bytes."""
-    from bincounter.pyfunc import encode_image_file
+    from bincounter.serving.pyfunc import encode_image_file
 
     return encode_image_file(FIXTURES / "bin-images" / f"{image_id}.jpg")
 
@@ -160,7 +160,7 @@ def write_manifest(path: Path, ids) -> Path:
 
 def make_config(root: Path, **overrides):
     """A Config whose every path lives under root (tests never write into the checkout)."""
-    from bincounter.config import load_config
+    from bincounter.config import build_config
 
     base = {
         "data.source": str(FIXTURES), "data.subset": str(write_manifest(root / "manifest.json", fixture_labels())),
@@ -176,15 +176,15 @@ def make_config(root: Path, **overrides):
         "hpo.storage": f"sqlite:///{root / 'optuna.db'}",
     }
     base.update(overrides)
-    return load_config(root / "no-params.yaml", base)
+    return build_config({}, base)  # the declared defaults, then base: no params file is read
 
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
     """The fixture images fetched, split and prepared once (72 px) for every test that trains."""
-    from bincounter.fetch import fetch
-    from bincounter.prepare import prepare
-    from bincounter.split import split
+    from bincounter.data.fetch import fetch
+    from bincounter.data.prepare import prepare
+    from bincounter.data.split import split
 
     root = tmp_path_factory.mktemp("prepared")
     config = make_config(root)
@@ -218,11 +218,11 @@ def _fresh_mlflow_state():
 
 @pytest.fixture(scope="session")
 def _trained_once(prepared, tmp_path_factory):
-    from bincounter.train import run_training
+    from bincounter.training.run import data_dirs_for, run_training
 
     root = tmp_path_factory.mktemp("trained")
     config = config_on(prepared, root, **{"train.epochs": 2})
-    outcome = run_training(config)
+    outcome = run_training(config, data_dirs_for(config))
     for key in MLFLOW_PROCESS_VARS:
         os.environ.pop(key, None)
     return {"config": config, "outcome": outcome, "root": root, "tracking_uri": config.mlflow.tracking_uri}
@@ -236,3 +236,10 @@ def trained(_trained_once):
 
     mlflow.set_tracking_uri(_trained_once["tracking_uri"])
     return _trained_once
+
+
+def empty_params(folder: Path) -> str:
+    """An empty params file: the declared defaults apply (a named params file must exist)."""
+    path = Path(folder) / "empty-params.yaml"
+    path.write_text("{}\n")
+    return str(path)

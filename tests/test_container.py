@@ -31,7 +31,7 @@ def _args(hps: dict) -> list[str]:
 @pytest.fixture
 def job(prepared, tmp_path):
     """A packaged source folder and the SageMaker job environment around it."""
-    from bincounter.sagemaker_backend import package_source
+    from bincounter.aws.package import package_source
 
     config = config_on(prepared, tmp_path)
     code = package_source(config, tmp_path / "code")
@@ -67,7 +67,7 @@ def epoch_metrics(output: str, prefix: str = "") -> list[dict[str, float]]:
 
 def test_package_layout(job):
     code = job["code"]
-    assert (code / "bincounter" / "train.py").exists() and (code / "sm_entry.py").exists()
+    assert (code / "bincounter" / "training" / "run.py").exists() and (code / "sm_entry.py").exists()
     assert not list(code.rglob("__pycache__"))
     requirements = (code / "requirements.txt").read_text()
     import mlflow

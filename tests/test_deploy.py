@@ -8,12 +8,12 @@ import tarfile
 
 import boto3
 import pytest
-from conftest import FIXTURES
+from conftest import empty_params, FIXTURES
 from test_predict import json_lines, queue_endpoint_results
 
 from bincounter.cli import main
 from bincounter.config import with_overrides
-from bincounter.deploy import deploy_command
+from bincounter.serving.deploy import deploy_command
 from bincounter.errors import BincounterError
 
 pytestmark = pytest.mark.slow
@@ -106,7 +106,7 @@ def test_create_list_get_predict_delete(aws, trained, role, image_url, tmp_path,
     answer = {"count": 3, "confidence": 0.61, "probabilities": [0.01, 0.05, 0.2, 0.61, 0.1, 0.03]}
     queue_endpoint_results(aws.url, [json.dumps({"predictions": [answer]})])
     image = str(FIXTURES / "bin-images" / "00024.jpg")
-    assert main(["predict", "--params", str(tmp_path / "none.yaml"), "--endpoint", "bins-test", image]) == 0
+    assert main(["predict", "--params", empty_params(tmp_path), "--endpoint", "bins-test", image]) == 0
     assert json_lines(capsys.readouterr().out) == [{"image": image, **answer}]
 
     deploy_command(config, "delete")
@@ -131,7 +131,7 @@ def test_serverless_endpoint_through_the_cli_with_the_ecr_image(trained, role, t
     import mlflow
 
     image = push_serving_image(mlflow.__version__)  # no deploy.image_url: found in ECR like MLflow does
-    args = ["deploy", "create", "--params", str(tmp_path / "none.yaml"), "--name", "bins-serverless",
+    args = ["deploy", "create", "--params", empty_params(tmp_path), "--name", "bins-serverless",
             "--set", f"mlflow.tracking_uri={trained['tracking_uri']}", "--set", f"deploy.execution_role_arn={role}",
             "--set", "deploy.serverless=true",
             "--set", "deploy.serverless_memory_mb=2048", "--set", "deploy.serverless_max_concurrency=3"]

@@ -8,11 +8,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, SOURCE_BUCKET, fixture_labels, make_config, public_read, seed_bucket, write_manifest
+from conftest import empty_params, FIXTURES, SOURCE_BUCKET, fixture_labels, make_config, public_read, seed_bucket, write_manifest
 
 from bincounter.cli import main
 from bincounter.errors import BincounterError
-from bincounter.fetch import fetch, read_manifest
+from bincounter.data.fetch import fetch, read_manifest
 from bincounter.storage import s3_client
 
 
@@ -108,7 +108,7 @@ def test_manifest_formats_and_errors(tmp_path):
 def test_cli_reports_a_bad_manifest_in_one_line(tmp_path, capsys):
     broken = tmp_path / "broken.json"
     broken.write_text("not json")
-    code = main(["fetch", "--params", str(tmp_path / "none.yaml"), "--set", f"data.subset={broken}",
+    code = main(["fetch", "--params", empty_params(tmp_path), "--set", f"data.subset={broken}",
                  "--set", f"data.raw_dir={tmp_path / 'raw'}", "--set", f"data.source={FIXTURES}"])
     err = capsys.readouterr().err.strip()
     assert code == 1

@@ -8,7 +8,7 @@ import pytest
 from conftest import config_on
 from mlflow import MlflowClient
 
-from bincounter.hpo import make_study, objective_fn, run_hpo
+from bincounter.training.hpo import make_study, objective_fn, run_hpo
 
 SMALL_SPACE = {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
                "loss": {"type": "categorical", "choices": ["ce", "emd"]}}

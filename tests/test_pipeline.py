@@ -14,10 +14,10 @@ from conftest import FIXTURES, fixture_labels, make_config, seed_bucket, write_m
 from PIL import Image
 
 from bincounter.images import decode_and_resize
-from bincounter.prepare import load_prepared
-from bincounter.split import _cut_sizes, read_split, stratified_split
+from bincounter.data.prepare import load_prepared
+from bincounter.data.split import _cut_sizes, read_split, stratified_split
 from bincounter.storage import s3_client
-from bincounter.sync import sync
+from bincounter.data.sync import sync
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,11 +13,12 @@ import urllib.request
 
 import boto3
 import pytest
-from conftest import FIXTURES, fixture_labels, seed_bucket
+from conftest import empty_params, FIXTURES, fixture_labels, seed_bucket
 
 from bincounter.cli import main
 from bincounter.errors import BincounterError
-from bincounter.predict import find_images, judge, predict_paths, read_expected, reconcile_command
+from bincounter.serving.predict import find_images, predict_paths
+from bincounter.serving.reconcile import judge, read_expected, reconcile_command
 
 pytestmark = pytest.mark.slow
 IMAGES = FIXTURES / "bin-images"
@@ -26,7 +27,7 @@ IMAGES = FIXTURES / "bin-images"
 @pytest.fixture
 def params(trained, tmp_path):
     """CLI arguments pointing at the trained fixture's registry (no params.yaml in the checkout is read)."""
-    return ["--params", str(tmp_path / "none.yaml"), "--set", f"mlflow.tracking_uri={trained['tracking_uri']}"]
+    return ["--params", empty_params(tmp_path), "--set", f"mlflow.tracking_uri={trained['tracking_uri']}"]
 
 
 @pytest.fixture(scope="module")

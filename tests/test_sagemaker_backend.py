@@ -17,6 +17,8 @@ from types import SimpleNamespace
 import pytest
 from conftest import config_on
 
+from bincounter.aws import follow, jobs, tuning
+
 BUCKET = "bincounter-jobs"
 REGION = "us-east-1"
 SPACE = {
@@ -47,7 +49,7 @@ def sm(aws, prepared, tmp_path):
     """A bucket, an execution role and the prepared splits synced to S3 as channels, all on the emulator."""
     import boto3
 
-    from bincounter.sync import sync
+    from bincounter.data.sync import sync
 
     boto = boto3.Session(region_name=REGION)
     boto.client("s3").create_bucket(Bucket=BUCKET)
@@ -79,8 +81,8 @@ def channels(request_or_description) -> dict[str, str]:
 
 
 def test_metric_definitions_parse_the_training_log():
-    from bincounter.sagemaker_backend import metric_definitions
-    from bincounter.train import metric_line
+    from bincounter.aws.jobs import metric_definitions
+    from bincounter.training.loop import metric_line
 
     val = {"train_loss": 1.5, "val_loss": 1.25, "accuracy": 0.5, "rmse": 0.9, "mae": 0.6, "macro_accuracy": 0.4375,
            "off_by_one_accuracy": 0.875, "lr": 0.001}
@@ -99,11 +101,10 @@ def test_metric_definitions_parse_the_training_log():
 
 
 def test_training_request_single_instance(sm):
-    from bincounter import sagemaker_backend as backend
-    from bincounter.sagemaker_env import HP_KEYS
+    from bincounter.config import hyperparameter_keys
 
     config = sm.make()
-    plan = backend.build_training_request(config)
+    plan = jobs.build_training_request(config)
     request = plan.request
     spec = request["algorithm_specification"]
     assert spec.training_image == "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.5-gpu-py311"
@@ -111,7 +112,7 @@ def test_training_request_single_instance(sm):
                                                          "best_val_macro_accuracy", "val_rmse"}
     hps = request["hyper_parameters"]
     assert hps["arch"] == "resnet18" and hps["epochs"] == "1" and hps["pretrained"] == "false"
-    assert set(hps) == {k for k in HP_KEYS if "-" not in k}
+    assert set(hps) == set(hyperparameter_keys())
     assert request["role_arn"] == sm.role and request["resource_config"].instance_count == 1
     assert not request["enable_managed_spot_training"] and request["checkpoint_config"] is None
     assert "profiler_config" not in request and "debug_rule_configurations" not in request
@@ -119,7 +120,7 @@ def test_training_request_single_instance(sm):
     assert "MLFLOW_TRACKING_URI" not in request["environment"]
     assert not plan.distributed
 
-    backend.submit(plan)
+    jobs.submit(plan)
     described = sm.client.describe_training_job(TrainingJobName=plan.job_name)
     assert described["TrainingJobName"].startswith("bincounter-")
     assert described["AlgorithmSpecification"]["TrainingImage"].endswith("pytorch-training:2.5-gpu-py311")
@@ -136,18 +137,17 @@ def test_training_request_single_instance(sm):
     assert "mlflow==" in s3_text(sm, got["code"] + "/requirements.txt")
     assert "runpy.run_module(\"bincounter\"" in s3_text(sm, got["code"] + "/sm_entry.py")
     assert "backend: local" in s3_text(sm, got["code"] + "/params.yaml")  # the job trains itself
-    assert "def run_training" in s3_text(sm, got["code"] + "/bincounter/train.py")
+    assert "def run_training" in s3_text(sm, got["code"] + "/bincounter/training/run.py")
 
 
 def test_training_request_spot_torchrun_debugger_and_tracking_server(sm, monkeypatch):
-    from bincounter import sagemaker_backend as backend
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.com")
     config = sm.make(**{"sagemaker.use_spot": True, "sagemaker.instance_count": 2, "sagemaker.debugger": True,
                         "sagemaker.max_run": 3600, "sagemaker.max_wait": 7200,
                         "sagemaker.instance_type": "ml.m5.xlarge"})
     parent = SimpleNamespace(info=SimpleNamespace(experiment_id="7", run_id="parent123"))
-    plan = backend.build_training_request(config, parent_run=parent)
+    plan = jobs.build_training_request(config, parent_run=parent)
     request = plan.request
     assert request["algorithm_specification"].training_image.endswith("pytorch-training:2.5-cpu-py311")
     assert request["enable_managed_spot_training"] is True
@@ -167,7 +167,7 @@ def test_training_request_spot_torchrun_debugger_and_tracking_server(sm, monkeyp
     assert rules[0].rule_evaluator_image.endswith("sagemaker-debugger-rules:latest")
     assert rules[0].rule_parameters == {"rule_to_invoke": "LossNotDecreasing"}
 
-    backend.submit(plan)
+    jobs.submit(plan)
     described = sm.client.describe_training_job(TrainingJobName=plan.job_name)
     assert described["EnableManagedSpotTraining"] is True
     assert described["CheckpointConfig"]["LocalPath"] == "/opt/ml/checkpoints"
@@ -198,23 +198,22 @@ def test_missing_role_or_bucket_is_one_line_error(prepared, tmp_path, capsys, aw
 
 
 def test_missing_region_and_local_only_channels(sm, monkeypatch, tmp_path):
-    from bincounter import sagemaker_backend as backend
     from bincounter.errors import BincounterError
 
     for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     with pytest.raises(BincounterError, match="sagemaker.region is empty"):
-        backend.launch_training(sm.make(**{"sagemaker.region": ""}))
+        jobs.launch_training(sm.make(**{"sagemaker.region": ""}))
     monkeypatch.setenv("AWS_REGION", REGION)
 
     config = sm.make()
     Path(config.sync.out).write_text(json.dumps({"mode": "local only", "channels": {}}))
     with pytest.raises(BincounterError, match=r"local only: set sync.s3_uri .* run `dvc repro`"):
-        backend.launch_training(config)
+        jobs.launch_training(config)
     Path(config.sync.out).unlink()
     with pytest.raises(BincounterError, match="dvc repro"):
-        backend.launch_training(config)
+        jobs.launch_training(config)
     assert not sm.client.list_training_jobs()["TrainingJobSummaries"]
 
 
@@ -249,10 +248,9 @@ def test_launch_training_mirrors_completed_job(sm, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
 
-    from bincounter import sagemaker_backend as backend
     from bincounter.storage import parse_s3_uri
 
-    real_wait = backend.wait_for_job
+    real_wait = follow.wait_for_job
     model_tar, output_tar = job_archives(sm.tmp)
 
     def wait_and_place_artifacts(client, job_name, **kwargs):
@@ -262,9 +260,9 @@ def test_launch_training_mirrors_completed_job(sm, monkeypatch):
         sm.s3.upload_file(str(output_tar), bucket, key.rsplit("/", 1)[0] + "/output.tar.gz")
         return description
 
-    monkeypatch.setattr(backend, "wait_for_job", wait_and_place_artifacts)
+    monkeypatch.setattr(jobs, "wait_for_job", wait_and_place_artifacts)
     config = sm.make()
-    outcome = backend.launch_training(config)
+    outcome = jobs.launch_training(config)
     assert outcome.test_metrics["macro_accuracy"] == 0.4 and outcome.val_metrics["macro_accuracy"] == 0.45
     assert outcome.registered_version == "1" and outcome.champion
 
@@ -288,7 +286,7 @@ def test_launch_training_mirrors_completed_job(sm, monkeypatch):
     import pandas as pd
     from conftest import FIXTURES
 
-    from bincounter.pyfunc import encode_image_file
+    from bincounter.serving.pyfunc import encode_image_file
 
     mlflow.set_tracking_uri(config.mlflow.tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{config.mlflow.model_name}@champion")
@@ -301,16 +299,15 @@ def test_follow_existing_job_mirrors_it(sm):
     """A job started earlier (say, by a session that lost its connection) mirrored into a new run."""
     from mlflow import MlflowClient
 
-    from bincounter import sagemaker_backend as backend
     from bincounter.storage import parse_s3_uri
 
     config = sm.make()
-    plan = backend.build_training_request(config)
-    description = backend.submit(plan)
+    plan = jobs.build_training_request(config)
+    description = jobs.submit(plan)
     bucket, key = parse_s3_uri(description["ModelArtifacts"]["S3ModelArtifacts"])
     model_tar, _ = job_archives(sm.tmp)
     sm.s3.upload_file(str(model_tar), bucket, key)  # no output.tar.gz: the profile is optional
-    outcome = backend.follow_training_job(config, plan.job_name)
+    outcome = follow.follow_training_job(config, plan.job_name)
     assert outcome.registered_version == "1" and outcome.test_metrics["macro_accuracy"] == 0.4
     run = MlflowClient(config.mlflow.tracking_uri).get_run(outcome.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["sagemaker.training_job_name"] == plan.job_name
@@ -320,7 +317,6 @@ def test_follow_existing_job_mirrors_it(sm):
 def test_failed_job_marks_run_failed(sm, monkeypatch):
     from mlflow import MlflowClient
 
-    from bincounter import sagemaker_backend as backend
     from bincounter.errors import BincounterError
 
     def failed(client, job_name, **kwargs):
@@ -328,10 +324,10 @@ def test_failed_job_marks_run_failed(sm, monkeypatch):
         return {**description, "TrainingJobStatus": "Failed", "SecondaryStatus": "Failed",
                 "FailureReason": "AlgorithmError: CUDA out of memory"}
 
-    monkeypatch.setattr(backend, "wait_for_job", failed)
+    monkeypatch.setattr(jobs, "wait_for_job", failed)
     config = sm.make()
     with pytest.raises(BincounterError, match="failed: AlgorithmError: CUDA out of memory"):
-        backend.launch_training(config)
+        jobs.launch_training(config)
     client = MlflowClient(config.mlflow.tracking_uri)
     [run] = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert run.info.status == "FAILED"
@@ -343,15 +339,14 @@ def test_failed_job_marks_run_failed(sm, monkeypatch):
 def test_ctrl_c_stops_job_and_kills_run(sm, monkeypatch, capsys):
     from mlflow import MlflowClient
 
-    from bincounter import sagemaker_backend as backend
 
     def interrupted(client, job_name, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(backend, "wait_for_job", interrupted)
+    monkeypatch.setattr(jobs, "wait_for_job", interrupted)
     config = sm.make()
     with pytest.raises(KeyboardInterrupt):
-        backend.launch_training(config)
+        jobs.launch_training(config)
     out = capsys.readouterr().out
     assert "could not stop" in out or "stop requested" in out  # moto answers StopTrainingJob with 500
     client = MlflowClient(config.mlflow.tracking_uri)
@@ -360,11 +355,10 @@ def test_ctrl_c_stops_job_and_kills_run(sm, monkeypatch, capsys):
 
 
 def test_wait_for_job_follows_status_and_tolerates_missing_logs(sm, capsys):
-    from bincounter import sagemaker_backend as backend
 
-    plan = backend.build_training_request(sm.make())
-    backend.submit(plan)
-    description = backend.wait_for_job(sm.client, plan.job_name, logs_client=sm.boto.client("logs"), poll_seconds=0)
+    plan = jobs.build_training_request(sm.make())
+    jobs.submit(plan)
+    description = follow.wait_for_job(sm.client, plan.job_name, logs_client=sm.boto.client("logs"), poll_seconds=0)
     assert description["TrainingJobStatus"] == "Completed"
     assert f"{plan.job_name} Completed" in capsys.readouterr().out
 
@@ -373,16 +367,15 @@ def test_wait_for_job_follows_status_and_tolerates_missing_logs(sm, capsys):
 
 
 def test_tuning_request_ranges_objective_and_static_hyperparameters(sm):
-    from bincounter import sagemaker_backend as backend
 
     config = sm.make(**{"hpo.max_jobs": 6, "hpo.max_parallel_jobs": 3})
-    plan = backend.build_tuning_request(config, SPACE)
-    tuning = plan.request["hyper_parameter_tuning_job_config"]
-    objective = tuning.hyper_parameter_tuning_job_objective
+    plan = tuning.build_tuning_request(config, SPACE)
+    job_config = plan.request["hyper_parameter_tuning_job_config"]
+    objective = job_config.hyper_parameter_tuning_job_objective
     assert (objective.metric_name, objective.type) == ("best_val_macro_accuracy", "Maximize")
-    assert tuning.resource_limits.max_number_of_training_jobs == 6
-    assert tuning.resource_limits.max_parallel_training_jobs == 3
-    ranges = tuning.parameter_ranges
+    assert job_config.resource_limits.max_number_of_training_jobs == 6
+    assert job_config.resource_limits.max_parallel_training_jobs == 3
+    ranges = job_config.parameter_ranges
     continuous = {r.name: r for r in ranges.continuous_parameter_ranges}
     assert continuous["lr"].scaling_type == "Logarithmic" and float(continuous["lr"].min_value) == 0.0001
     assert continuous["augment"].scaling_type == "Linear" and float(continuous["augment"].max_value) == 1.0
@@ -397,33 +390,31 @@ def test_tuning_request_ranges_objective_and_static_hyperparameters(sm):
     assert "best_val_macro_accuracy" in names and "test_macro_accuracy" in names
     assert definition.checkpoint_config is None or not getattr(definition.checkpoint_config, "s3_uri", None)
 
-    rmse = backend.build_tuning_request(sm.make(**{"hpo.objective": "rmse"}), {"lr": SPACE["lr"]})
+    rmse = tuning.build_tuning_request(sm.make(**{"hpo.objective": "rmse"}), {"lr": SPACE["lr"]})
     objective = rmse.request["hyper_parameter_tuning_job_config"].hyper_parameter_tuning_job_objective
     assert (objective.metric_name, objective.type) == ("best_val_rmse", "Minimize")
 
 
 def test_tuning_space_errors(sm):
-    from bincounter import sagemaker_backend as backend
     from bincounter.errors import BincounterError
 
-    for space, message in [({"dropout": {"type": "float", "low": 0, "high": 1}}, "not a hyperparameter"),
+    for space, message in [({"dropout": {"type": "float", "low": 0, "high": 1}}, "not a train knob"),
                            ({"lr": {"type": "float", "low": 0.0, "high": 1, "log": True}}, "log scale needs low > 0"),
                            ({"lr": {"type": "normal"}}, "type must be float, int or categorical"),
                            ({}, "empty")]:
         with pytest.raises(BincounterError, match=message):
-            backend.parameter_ranges(space)
-    assert set(backend.parameter_ranges(SPACE, pinned={"lr"})) == set(SPACE) - {"lr"}
+            tuning.parameter_ranges(space)
+    assert set(tuning.parameter_ranges(SPACE, pinned={"lr"})) == set(SPACE) - {"lr"}
     with pytest.raises(BincounterError, match="role_arn"):
-        backend.build_tuning_request(sm.make(**{"sagemaker.role_arn": ""}), SPACE)
+        tuning.build_tuning_request(sm.make(**{"sagemaker.role_arn": ""}), SPACE)
 
 
 def test_launch_tuning_on_moto_mirrors_best_job(sm):
     from mlflow import MlflowClient
 
-    from bincounter import sagemaker_backend as backend
 
     config = sm.make(**{"hpo.space": SPACE, "hpo.max_jobs": 4, "hpo.max_parallel_jobs": 2})
-    result = backend.launch_tuning(config)
+    result = tuning.launch_tuning(config)
     name = result["tuning_job_name"]
     assert len(name) <= 32 and result["status"] == "Completed"
     described = sm.client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
@@ -489,7 +480,6 @@ def test_mirror_tuning_job_from_describe_results(sm):
     import mlflow
     from mlflow import MlflowClient
 
-    from bincounter import sagemaker_backend as backend
     from bincounter import tracking
 
     config = sm.make()
@@ -500,7 +490,7 @@ def test_mirror_tuning_job_from_describe_results(sm):
 
     # 1. only the describe answer (what moto can give): the best job becomes the one child run
     best = _job("bc-hpo-1-002", "Completed", "0.01", 0.6)
-    result = backend.mirror_tuning_job(config, "bc-hpo-1", parent.info.run_id, description=tuning_description(best))
+    result = tuning.mirror_tuning_job(config, "bc-hpo-1", parent.info.run_id, description=tuning_description(best))
     assert result["best_job"] == "bc-hpo-1-002" and result["best_value"] == 0.6
     assert result["best_params"] == {"lr": "0.01", "batch_size": "8"} and result["children"] == 1
     query = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
@@ -513,21 +503,21 @@ def test_mirror_tuning_job_from_describe_results(sm):
     assert run.data.tags["best_training_job"] == "bc-hpo-1-002"
 
     # 2. with the listing: every job, failed ones FAILED with their reason; already mirrored ones skipped
-    jobs = {j["TrainingJobName"]: j for j in (
+    described = {j["TrainingJobName"]: j for j in (
         _job("bc-hpo-1-001", "Completed", "0.001", 0.5), best,
         _job("bc-hpo-1-003", "Failed", "0.1", reason="AlgorithmError: loss became nan"))}
-    result = backend.mirror_tuning_job(config, "bc-hpo-1", parent.info.run_id,
-                                       description=tuning_description(best), client=StubSageMaker(jobs))
+    result = tuning.mirror_tuning_job(config, "bc-hpo-1", parent.info.run_id,
+                                       description=tuning_description(best), client=StubSageMaker(described))
     assert result["children"] == 2
     children = {c.info.run_name: c for c in client.search_runs([experiment], query)}
-    assert set(children) == set(jobs)
+    assert set(children) == set(described)
     assert children["bc-hpo-1-003"].info.status == "FAILED"
     assert children["bc-hpo-1-003"].data.tags["sagemaker.failure_reason"] == "AlgorithmError: loss became nan"
     first = children["bc-hpo-1-001"]
     assert first.data.params["lr"] == "0.001" and "sagemaker_program" not in first.data.params
     assert first.data.metrics["sagemaker/test_macro_accuracy"] == pytest.approx(0.4)
-    assert backend.mirror_tuning_job(config, "bc-hpo-1", parent.info.run_id, description=tuning_description(best),
-                                     client=StubSageMaker(jobs))["children"] == 0
+    assert tuning.mirror_tuning_job(config, "bc-hpo-1", parent.info.run_id, description=tuning_description(best),
+                                     client=StubSageMaker(described))["children"] == 0
 
 
 def test_best_tuning_job_model_is_registered_from_its_artifact(sm, capsys):
@@ -536,7 +526,6 @@ def test_best_tuning_job_model_is_registered_from_its_artifact(sm, capsys):
     import mlflow
     from mlflow import MlflowClient
 
-    from bincounter import sagemaker_backend as backend
     from bincounter import tracking
     from bincounter.storage import parse_s3_uri
 
@@ -560,7 +549,7 @@ def test_best_tuning_job_model_is_registered_from_its_artifact(sm, capsys):
     client = MlflowClient(config.mlflow.tracking_uri)
     parent = client.create_run(experiment, run_name="hpo")
     description = tuning_description(_job(job_name, "Completed", "0.01", 0.6))
-    backend.mirror_tuning_job(config, "bc-hpo-1", parent.info.run_id, description=description, client=sm.client)
+    tuning.mirror_tuning_job(config, "bc-hpo-1", parent.info.run_id, description=description, client=sm.client)
 
     [child] = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert child.info.status == "FINISHED" and child.data.tags["hpo.model"] == "logged"
@@ -570,14 +559,13 @@ def test_best_tuning_job_model_is_registered_from_its_artifact(sm, capsys):
     assert "profile/report.md" in {a.path for a in client.list_artifacts(child.info.run_id, "profile")}
 
     # mirroring again registers nothing new
-    backend.mirror_tuning_job(config, "bc-hpo-1", parent.info.run_id, description=description, client=sm.client)
+    tuning.mirror_tuning_job(config, "bc-hpo-1", parent.info.run_id, description=description, client=sm.client)
     assert len(client.search_model_versions(f"name = '{config.mlflow.model_name}'")) == 1
 
 
 def test_best_tuning_job_without_a_model_is_reported_and_stays_finished(sm, capsys):
     from mlflow import MlflowClient
 
-    from bincounter import sagemaker_backend as backend
     from bincounter import tracking
 
     config = sm.make()
@@ -585,7 +573,7 @@ def test_best_tuning_job_without_a_model_is_reported_and_stays_finished(sm, caps
     client = MlflowClient(config.mlflow.tracking_uri)
     parent = client.create_run(client.get_experiment_by_name(config.mlflow.experiment).experiment_id, run_name="hpo")
     description = tuning_description(_job("bc-hpo-9-001", "Completed", "0.01", 0.6))  # no such training job
-    backend.mirror_tuning_job(config, "bc-hpo-9", parent.info.run_id, description=description, client=sm.client)
+    tuning.mirror_tuning_job(config, "bc-hpo-9", parent.info.run_id, description=description, client=sm.client)
     assert "hpo: the best job's model was not registered" in capsys.readouterr().out
     [child] = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert child.info.status == "FINISHED" and "hpo.model" not in child.data.tags

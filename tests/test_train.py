@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import FIXTURES, config_on, fixture_b64, fixture_labels
+from conftest import empty_params, FIXTURES, config_on, fixture_b64, fixture_labels
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from torch.utils.data import DataLoader, Dataset
@@ -25,8 +25,10 @@ from bincounter import tracking
 from bincounter.cli import main
 from bincounter.errors import BincounterError
 from bincounter.model import build_model
-from bincounter.profiling import RunHistory, check_rules
-from bincounter.train import CHECKPOINT_FILE, count_loss, fit, train_one_epoch
+from bincounter.training.profiling import RunHistory, check_rules
+from bincounter.training.checkpoints import CHECKPOINT_FILE
+from bincounter.training.loop import autocast_dtype, fit, train_one_epoch
+from bincounter.training.loss import make_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +49,7 @@ def test_run_logs_metrics_params_lineage_plots_and_profile(trained):
     assert run.data.params["train.arch"] == "resnet18"
     assert len(run.data.tags["git_commit"]) == 40
     assert run.data.tags["rule.loss_not_decreasing"] in ("pass", "fail")
-    from bincounter.train import native_bf16
+    from bincounter.training.loop import native_bf16
 
     assert run.data.tags["device"] == "cpu"  # train.precision auto: bf16 exactly where this CPU computes it natively
     assert run.data.tags["precision"] == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
@@ -84,6 +86,32 @@ def test_logged_model_stores_the_weights_once(trained):
     weights = next(root.glob("artifacts/*/weights.pt")).stat().st_size
     assert weights > 10 * 2**20  # resnet18
     assert (root / "python_model.pkl").stat().st_size < 2**20  # the wrapper only, not a second copy
+
+
+def test_a_model_logged_under_the_old_import_path_still_loads(trained, tmp_path):
+    """Models registered before the split into wings pickled `bincounter.pyfunc.BinCounterPyfunc`."""
+    import shutil
+
+    import cloudpickle
+
+    import bincounter.pyfunc  # noqa: F401 - the deprecated path must be importable for the pickle below
+    from bincounter.serving import pyfunc
+
+    model_dir = tmp_path / "old-model"
+    shutil.copytree(mlflow.artifacts.download_artifacts("models:/bin-counter@champion"), model_dir)
+    cls = pyfunc.BinCounterPyfunc
+    cls.__module__ = "bincounter.pyfunc"
+    try:
+        (model_dir / "python_model.pkl").write_bytes(cloudpickle.dumps(cls()))
+    finally:
+        cls.__module__ = "bincounter.serving.pyfunc"
+    pickled = (model_dir / "python_model.pkl").read_bytes()
+    assert b"bincounter.pyfunc" in pickled and b"bincounter.serving" not in pickled
+    image_id = list(fixture_labels())[0]
+    old = mlflow.pyfunc.load_model(str(model_dir)).predict(pd.DataFrame({"image": [fixture_b64(image_id)]}))
+    new = mlflow.pyfunc.load_model("models:/bin-counter@champion").predict(
+        pd.DataFrame({"image": [fixture_b64(image_id)]}))
+    assert old["count"][0] == new["count"][0] and old["probabilities"][0] == new["probabilities"][0]
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -125,6 +153,20 @@ def test_resume_continues_from_the_saved_epoch(prepared, tmp_path, capsys):
     assert torch.load(tmp_path / "checkpoints" / CHECKPOINT_FILE, weights_only=False)["epoch"] == 2
 
 
+def test_checkpoint_holds_the_resolved_config_and_refuses_a_different_shape(prepared, tmp_path):
+    config = config_on(prepared, tmp_path, **{"train.epochs": 1, "train.profile_steps": 0})
+    dirs = {n: prepared / "data/prepared" / n for n in ("train", "val", "test")}
+    fit(config, dirs)
+    state = torch.load(tmp_path / "checkpoints" / CHECKPOINT_FILE, weights_only=True)
+    assert state["config"] == config.to_dict()
+    for key, value, said in [("train.arch", "resnet34", "train.arch=resnet18, this run resnet34"),
+                             ("data.max_count", 7, "data.max_count=5, this run 7"),
+                             ("train.image_size", 48, "train.image_size=64, this run 48")]:
+        other = config_on(prepared, tmp_path, **{"train.epochs": 2, "train.profile_steps": 0, key: value})
+        with pytest.raises(BincounterError, match=said):
+            fit(other, dirs, resume=True)
+
+
 def test_zero_learning_rate_fires_loss_not_decreasing(prepared, tmp_path):
     config = config_on(prepared, tmp_path, **{"train.epochs": 3, "train.lr": 0, "train.profile_steps": 0,
                                                "train.augment": 0})
@@ -155,24 +197,22 @@ class SleepyDataset(Dataset):
 
 
 def test_sleeping_data_loader_fires_data_bottleneck(tmp_path):
-    config = config_on(tmp_path, tmp_path)
     model = build_model("resnet18", 6)
     history = RunHistory()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    train_one_epoch(model, DataLoader(SleepyDataset(), batch_size=4), optimizer, torch.device("cpu"),
-                    config.train, None, history, show_progress=False)
+    train_one_epoch(model, DataLoader(SleepyDataset(), batch_size=4), optimizer, make_loss("emd", 1.0),
+                    torch.device("cpu"), history, show_progress=False)
     result = rule(check_rules(history), "data_bottleneck")
     assert result.status == "fail" and "waiting for data" in result.evidence
 
 
 def test_emd_loss_charges_more_for_being_further_off():
-    config = SimpleNamespace(loss="emd", emd_weight=1.0)
+    emd, ce = make_loss("emd", 1.0), make_loss("ce", 1.0)
     target = torch.tensor([0])
     near = torch.tensor([[0.0, 5.0, 0.0, 0.0, 0.0, 0.0]])
     far = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 5.0]])
-    assert count_loss(far, target, config, None) > count_loss(near, target, config, None)
-    ce = SimpleNamespace(loss="ce", emd_weight=1.0)
-    assert torch.isclose(count_loss(far, target, ce, None), count_loss(near, target, ce, None))
+    assert emd(far, target) > emd(near, target)
+    assert torch.isclose(ce(far, target), ce(near, target))
 
 
 def test_pretrained_offline_says_how_to_pass_a_local_file(monkeypatch):
@@ -193,10 +233,10 @@ def test_weights_path_loads_a_local_state_dict(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    code = main(["train", "--params", str(tmp_path / "none.yaml"), "--optimizer", "rmsprop"])
+    code = main(["train", "--params", empty_params(tmp_path), "--optimizer", "rmsprop"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and err == "error: train.optimizer must be adamw or sgd, got 'rmsprop'"
-    code = main(["train", "--params", str(tmp_path / "none.yaml"), "--data-dir", str(tmp_path / "nothing")])
+    code = main(["train", "--params", empty_params(tmp_path), "--data-dir", str(tmp_path / "nothing")])
     err = capsys.readouterr().err.strip()
     assert code == 1 and "run `dvc repro` first" in err and "\n" not in err
 
@@ -224,7 +264,7 @@ def test_mlflow_run_trains_and_registers(prepared, tmp_path):
 def test_evaluate_reproduces_the_champions_test_metrics_in_a_new_run(trained, tmp_path, capsys):
     """`bincounter evaluate` (the MLproject's evaluate entry point) on the registered champion."""
     config, outcome = trained["config"], trained["outcome"]
-    args = ["evaluate", "--params", str(tmp_path / "none.yaml"), "--model", "models:/bin-counter@champion",
+    args = ["evaluate", "--params", empty_params(tmp_path), "--model", "models:/bin-counter@champion",
             "--split", "test", "--set", f"mlflow.tracking_uri={trained['tracking_uri']}",
             "--set", f"train.data_dir={config.train.data_dir}", "--set", f"mlflow.experiment={config.mlflow.experiment}"]
     assert main(args) == 0
@@ -241,7 +281,7 @@ def test_evaluate_reproduces_the_champions_test_metrics_in_a_new_run(trained, tm
 
 
 def test_evaluate_an_unknown_model_is_a_one_line_error(trained, tmp_path, capsys):
-    args = ["evaluate", "--params", str(tmp_path / "none.yaml"), "--model", "models:/no-such-model/1",
+    args = ["evaluate", "--params", empty_params(tmp_path), "--model", "models:/no-such-model/1",
             "--set", f"mlflow.tracking_uri={trained['tracking_uri']}"]
     assert main(args) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if "Traceback" in line or "error" in line.lower()]
@@ -258,21 +298,21 @@ class RandomBins(Dataset):
 
 @pytest.mark.parametrize("precision, compute_dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
 def test_precision_sets_the_compute_dtype_and_keeps_weights_fp32(tmp_path, precision, compute_dtype):
-    config = config_on(tmp_path, tmp_path, **{"train.precision": precision})
     model = build_model("resnet18", 6)
     seen = []
     model.backbone.fc.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     before = model.backbone.fc.weight.detach().clone()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    loss = train_one_epoch(model, DataLoader(RandomBins(), batch_size=4), optimizer, torch.device("cpu"),
-                           config.train, None, RunHistory(), show_progress=False)
+    loss = train_one_epoch(model, DataLoader(RandomBins(), batch_size=4), optimizer, make_loss("emd", 1.0),
+                           torch.device("cpu"), RunHistory(), show_progress=False,
+                           amp_dtype=autocast_dtype(precision, torch.device("cpu")))
     assert seen == [compute_dtype, compute_dtype] and math.isfinite(loss)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert not torch.equal(before, model.backbone.fc.weight)  # the bf16 step still updated the fp32 weights
 
 
 def test_auto_precision_follows_the_cpu_and_bad_values_are_refused(tmp_path):
-    from bincounter.train import autocast_dtype, native_bf16
+    from bincounter.training.loop import autocast_dtype, native_bf16
 
     cpu = torch.device("cpu")
     assert autocast_dtype("auto", cpu) == (torch.bfloat16 if native_bf16(cpu) else None)

@@ -1,42 +1,25 @@
-"""`bincounter <stage>`: a thin command line over the library. Every subcommand has --help.
+"""`bincounter <command>`: a thin command line over the wings. Every subcommand has --help.
 
-Flags override params.yaml; anything without a flag can be set with --set section.key=value.
+Flags override params.yaml; anything without a flag can be set with --set section.key=value. The
+training flags (and MLproject's parameters, and SageMaker's hyperparameter names) are derived from the
+declared knobs in bincounter.config, so a knob is declared once. This module also picks where training
+runs (locally, as a SageMaker job, or inside one), so the training function never has to ask.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable
+from typing import Callable
 
+from bincounter.config import Knob, knobs, load_config, train_knobs
 from bincounter.errors import BincounterError
 
-# flag name -> dotted params key, per subcommand group
-TRAIN_FLAGS: dict[str, tuple[str, type | None, str]] = {
-    "backend": ("train.backend", None, "local | sagemaker"),
-    "arch": ("train.arch", None, "torchvision backbone: resnet18, resnet34, resnet50, ..."),
-    "pretrained": ("train.pretrained", None, "true: start from torchvision ImageNet weights"),
-    "weights_path": ("train.weights_path", None, "local .pth state dict to start from (offline pretrained)"),
-    "epochs": ("train.epochs", None, "epochs"),
-    "batch_size": ("train.batch_size", None, "batch size"),
-    "lr": ("train.lr", None, "learning rate"),
-    "weight_decay": ("train.weight_decay", None, "weight decay"),
-    "optimizer": ("train.optimizer", None, "adamw | sgd"),
-    "loss": ("train.loss", None, "ce | emd (ordinal-aware)"),
-    "class_balance": ("train.class_balance", None, "weighted_loss | sampler | none"),
-    "augment": ("train.augment", None, "augmentation strength 0..1"),
-    "image_size": ("train.image_size", None, "training crop size"),
-    "seed": ("train.seed", None, "random seed"),
-    "patience": ("train.patience", None, "early stopping patience (epochs)"),
-    "num_workers": ("train.num_workers", None, "data loader workers (-1 = auto)"),
-    "device": ("train.device", None, "auto | cpu | cuda"),
-    "precision": ("train.precision", None, "auto | bf16 | fp32 (auto: bf16 on GPUs and CPUs with native bf16)"),
-    "data_dir": ("train.data_dir", None, "prepared data folder (train/ val/ test/)"),
-    "checkpoint_dir": ("train.checkpoint_dir", None, "checkpoint folder (--resume reads it)"),
-    "profile_steps": ("train.profile_steps", None, "torch.profiler steps to record (0 = off)"),
-    "model_name": ("mlflow.model_name", None, "registered model name"),
-    "experiment": ("mlflow.experiment", None, "MLflow experiment"),
-}
+HPO_KNOBS = ("n_trials", "n_jobs", "objective")
+
+
+def _hpo_knobs() -> list[Knob]:
+    return [k for k in knobs("hpo") if k.name in HPO_KNOBS]
 
 
 def _add_params_args(parser: argparse.ArgumentParser) -> None:
@@ -47,29 +30,28 @@ def _add_params_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_flags(parser: argparse.ArgumentParser, flags: dict[str, tuple[str, Any, str]]) -> None:
-    for name, (_, kind, help_text) in flags.items():
-        # --batch-size, and --batch_size as SageMaker passes hyperparameters
-        options = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
-        parser.add_argument(*options, dest=name, type=kind, default=None, help=help_text)
+def _add_knob_flags(parser: argparse.ArgumentParser, flags: list[Knob]) -> None:
+    for knob in flags:
+        # --batch-size, and --batch_size as SageMaker passes hyperparameters; values are typed in config
+        options = [f"--{knob.name.replace('_', '-')}"] + ([f"--{knob.name}"] if "_" in knob.name else [])
+        parser.add_argument(*options, dest=knob.name, default=None, metavar="VALUE",
+                            help=f"{knob.help} [{knob.key}]")
 
 
-def _overrides(args: argparse.Namespace, flags: dict[str, tuple[str, Any, str]] | None = None) -> dict[str, Any]:
-    overrides: dict[str, Any] = {}
+def _overrides(args: argparse.Namespace, flags: list[Knob] = ()) -> dict[str, str]:
+    overrides: dict[str, str] = {}
     for item in args.sets:
         key, sep, value = item.partition("=")
         if not sep:
             raise BincounterError(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key.strip()] = value
-    for name, (key, _, _) in (flags or {}).items():
-        if getattr(args, name, None) is not None:
-            overrides[key] = getattr(args, name)
+    for knob in flags:
+        if getattr(args, knob.name, None) is not None:
+            overrides[knob.key] = getattr(args, knob.name)
     return overrides
 
 
-def _config(args: argparse.Namespace, flags=None):
-    from bincounter.config import load_config
-
+def _config(args: argparse.Namespace, flags: list[Knob] = ()):
     return load_config(args.params, _overrides(args, flags))
 
 
@@ -77,72 +59,140 @@ def _config(args: argparse.Namespace, flags=None):
 
 
 def cmd_fetch(args):
-    from bincounter.fetch import fetch
+    from bincounter.data.fetch import fetch
 
     fetch(_config(args).data)
 
 
 def cmd_split(args):
-    from bincounter.split import split
+    from bincounter.data.split import split
 
     split(_config(args))
 
 
 def cmd_prepare(args):
-    from bincounter.prepare import prepare
+    from bincounter.data.prepare import prepare
 
     prepare(_config(args))
 
 
 def cmd_sync(args):
-    from bincounter.sync import sync
+    from bincounter.data.sync import sync
 
     sync(_config(args))
 
 
 def cmd_train(args):
-    from bincounter.train import run_training
-
+    config = _config(args, train_knobs())
     resume = args.resume or str(args.resume_flag).lower() in ("true", "1", "yes")
-    run_training(_config(args, TRAIN_FLAGS), resume=resume)
+    from bincounter.aws.container import in_container, train
+
+    if in_container():
+        return train(config)
+    if config.train.backend == "sagemaker":
+        from bincounter.aws.jobs import launch_training
+
+        return launch_training(config)
+    from bincounter.training.run import data_dirs_for, run_training
+
+    return run_training(config, data_dirs_for(config), resume=resume)
 
 
 def cmd_evaluate(args):
-    from bincounter.evaluate import evaluate_model
+    from bincounter.training.evaluate import evaluate_model
 
     evaluate_model(_config(args), args.model, args.split)
 
 
 def cmd_hpo(args):
-    from bincounter.hpo import run_hpo
-
-    from bincounter.config import load_config
-
-    overrides = {"hpo.n_trials": args.n_trials, "hpo.n_jobs": args.n_jobs, "hpo.objective": args.objective}
-    config = load_config(args.params, {**_overrides(args, TRAIN_FLAGS), **overrides})
+    config = _config(args, train_knobs() + _hpo_knobs())
     # search dimensions given on the command line (e.g. -P arch=resnet18) are pinned, not searched
     pinned = {name for name in config.hpo.space if getattr(args, name, None) not in (None, "")}
-    run_hpo(config, pinned)
+    if config.train.backend == "sagemaker":
+        from bincounter.aws.tuning import launch_tuning
+
+        return launch_tuning(config, pinned)
+    from bincounter.training.hpo import run_hpo
+
+    return run_hpo(config, pinned)
 
 
 def cmd_predict(args):
-    from bincounter.predict import predict_command
+    from bincounter.serving.predict import predict_command
 
     predict_command(_config(args), args.paths, model=args.model, endpoint=args.endpoint,
                     batch_size=args.batch_size, region=args.region)
 
 
 def cmd_reconcile(args):
-    from bincounter.predict import reconcile_command
+    from bincounter.serving.reconcile import reconcile_command
 
     reconcile_command(_config(args), model=args.model, expected=args.expected, images=args.images,
                       report=args.report, low_confidence=args.low_confidence, batch_size=args.batch_size)
 
 
 def cmd_deploy(args):
-    from bincounter.deploy import deploy_command
+    from bincounter.serving.deploy import deploy_command
 
     deploy_command(_config(args), action=args.action, model=args.model, name=args.name)
+
+
+def cmd_mlproject(args):
+    text = render_mlproject()
+    if not args.check:
+        sys.stdout.write(text)
+        return None
+    with open(args.check) as handle:
+        if handle.read() != text:
+            raise BincounterError(f"{args.check} is out of date: run `bincounter mlproject > {args.check}`")
+    print(f"{args.check} matches the declared knobs")
+    return None
+
+
+# ------------------------------------------------------------------ MLproject, derived
+
+
+MLPROJECT_HEADER = """\
+# Generated by `bincounter mlproject > MLproject` from the knobs declared in src/bincounter/config.py;
+# a test fails when this file and the declaration disagree. Every parameter defaults to "" = "use
+# params.yaml", the one source of defaults. `mlflow run . --env-manager local` uses the current
+# environment (after the README install); with conda, conda.yaml installs this package.
+name: bincounter
+conda_env: conda.yaml
+
+entry_points:
+"""
+
+
+def _entry_point(name: str, command: str, params: list[tuple[str, str]], flags: dict[str, str]) -> str:
+    """One entry point: its parameters (name, default) and a folded command passing flag -> {param}."""
+    lines = [f"  {name}:", "    parameters:"]
+    lines += [f'      {param}: {{type: string, default: "{default}"}}' for param, default in params]
+    lines.append("    command: >-")
+    line = f"      python -m bincounter {command}"
+    for flag, param in flags.items():
+        word = f"--{flag.replace('_', '-')} {{{param}}}"
+        if len(line) + len(word) >= 110:
+            lines.append(line)
+            line = "     "
+        line += " " + word
+    return "\n".join(lines + [line]) + "\n"
+
+
+def render_mlproject() -> str:
+    train = [k.name for k in train_knobs()]
+    hpo = [k.name for k in _hpo_knobs()] + train
+    main = _entry_point("main", "train", [(n, "") for n in train] + [("resume", "false")],
+                        {**{n: n for n in train}, "resume_flag": "resume"})
+    evaluate = ("  evaluate:\n    parameters:\n"
+                '      model_uri: {type: string, default: "models:/bin-counter@champion"}\n'
+                '      split: {type: string, default: "test"}\n'
+                "    command: python -m bincounter evaluate --model {model_uri} --split {split}\n")
+    hpo_entry = _entry_point("hpo", "hpo", [(n, "") for n in hpo], {n: n for n in hpo})
+    return MLPROJECT_HEADER + main + "\n" + evaluate + "\n" + hpo_entry
+
+
+# ------------------------------------------------------------------ the parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("prepare", cmd_prepare, "Decode and resize every image once into data/prepared/<split>/images.npy.")
     add("sync", cmd_sync, "Upload the prepared splits to sync.s3_uri as SageMaker channels.")
 
-    p = add("train", cmd_train, "Train a bin counter and log it to MLflow (local or SageMaker backend).")
-    _add_flags(p, TRAIN_FLAGS)
+    p = add("train", cmd_train, "Train a bin counter and log it to MLflow (train.backend: local or sagemaker).")
+    _add_knob_flags(p, train_knobs())
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --checkpoint-dir")
     p.add_argument("--resume-flag", dest="resume_flag", default=None, help=argparse.SUPPRESS)  # MLproject: true|false
 
@@ -173,10 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="train | val | test, or a prepared split folder")
 
     p = add("hpo", cmd_hpo, "Hyperparameter search (Optuna locally, SageMaker's tuner remotely).")
-    _add_flags(p, TRAIN_FLAGS)
-    p.add_argument("--n-trials", default=None, help="number of trials")
-    p.add_argument("--n-jobs", default=None, help="parallel trials (local)")
-    p.add_argument("--objective", default=None, help="macro_accuracy | rmse")
+    _add_knob_flags(p, train_knobs() + _hpo_knobs())
 
     p = add("predict", cmd_predict, "Count the items in images: files, folders or s3:// prefixes.")
     p.add_argument("paths", nargs="+", help="image files, folders or s3:// prefixes")
@@ -197,15 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["create", "update", "get", "delete", "list"], help="what to do")
     p.add_argument("--model", default=None, help="model URI (default models:/<model_name>@champion)")
     p.add_argument("--name", default=None, help="endpoint name (default deploy.endpoint_name)")
+
+    p = add("mlproject", cmd_mlproject, "Print the MLproject file derived from the declared knobs.")
+    p.add_argument("--check", metavar="FILE", default=None, help="fail unless FILE equals the derived MLproject")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bincounter import sagemaker_env
+    from bincounter.aws.container import in_container
 
-    if sagemaker_env.in_container():
+    if in_container():
         # a SageMaker job passes every hyperparameter as --name value; those without a flag still arrive
-        # through SM_HPS (sagemaker_env.apply), so they must not stop the job here
+        # through SM_HPS (aws.container.apply), so they must not stop the job here
         args, unknown = build_parser().parse_known_args(argv)
         if unknown:
             print(f"note: arguments without a flag (applied from SM_HPS if known): {' '.join(unknown)}")

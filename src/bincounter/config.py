@@ -6,8 +6,10 @@ arrive as dotted overrides (``{"train.lr": "0.01"}``) and are coerced to the fie
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -21,16 +23,27 @@ from bincounter.errors import BincounterError
 DEFAULT_PARAMS = "params.yaml"
 
 
+def knob(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+         max: float | None = None, remote: bool = True, **kwargs) -> Any:
+    """Declare one parameter: its default, what it means (CLI --help, MLproject), the values it may take
+    (checked in `validate`, one line each) and whether a SageMaker job receives it as a hyperparameter."""
+    metadata = {"help": help, "choices": choices, "min": min, "max": max, "remote": remote}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
 @dataclass
 class DataConfig:
-    source: str = "s3://aft-vbi-pds"
-    subset: str = "data/file_list.json"
-    per_class: int = 200
-    max_count: int = 5
-    max_candidates: int = 50000
-    seed: int = 0
-    workers: int = 32
-    raw_dir: str = "data/raw"
+    source: str = knob("s3://aft-vbi-pds", "s3://bucket[/prefix] or a local folder laid out like the bucket")
+    subset: str = knob("data/file_list.json", "a manifest (Udacity file_list.json, JSON list, one id per line) "
+                       "or 'balanced'")
+    per_class: int = knob(200, "with subset=balanced: bins wanted of each count", min=1)
+    max_count: int = knob(5, "largest count the model predicts (classes 0..max_count)", min=1, max=1000)
+    max_candidates: int = knob(50000, "with subset=balanced: metadata files read at most", min=1)
+    seed: int = knob(0, "with subset=balanced: sampling order")
+    workers: int = knob(32, "concurrent downloads", min=1, max=512)
+    raw_dir: str = knob("data/raw", "where fetched bins are stored")
 
     @property
     def num_classes(self) -> int:
@@ -39,100 +52,119 @@ class DataConfig:
 
 @dataclass
 class SplitConfig:
-    seed: int = 42
-    fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
-    out_dir: str = "data/splits"
-    eda_dir: str = "data/eda"
+    seed: int = knob(42, "split seed")
+    fractions: list[float] = knob([0.6, 0.2, 0.2], "train, val, test fractions; stratified by count")
+    out_dir: str = knob("data/splits", "split CSVs")
+    eda_dir: str = knob("data/eda", "EDA report")
 
 
 @dataclass
 class PrepareConfig:
-    image_size: int = 256
-    out_dir: str = "data/prepared"
-    workers: int = 0
+    image_size: int = knob(256, "stored square size; training resizes or crops train.image_size out of it",
+                           min=16, max=2048)
+    out_dir: str = knob("data/prepared", "prepared arrays, one folder per split")
+    workers: int = knob(0, "decoding processes; 0 = one per core", min=0, max=256)
 
 
 @dataclass
 class SyncConfig:
-    s3_uri: str = ""
-    out: str = "data/sync.json"
+    s3_uri: str = knob("", "s3://bucket/prefix for SageMaker channels; empty = local only")
+    out: str = knob("data/sync.json", "record of where the channels are")
 
 
 @dataclass
 class TrainConfig:
-    backend: str = "local"
-    arch: str = "resnet34"
-    pretrained: bool = False
-    weights_path: str = ""
-    epochs: int = 15
-    batch_size: int = 64
-    lr: float = 0.001
-    weight_decay: float = 0.0001
-    optimizer: str = "adamw"
-    loss: str = "emd"
-    emd_weight: float = 1.0
-    class_balance: str = "weighted_loss"
-    augment: float = 0.5
-    image_size: int = 224
-    seed: int = 42
-    patience: int = 4
-    num_workers: int = -1
-    device: str = "auto"
-    precision: str = "auto"
-    profile_steps: int = 5
-    checkpoint_dir: str = "checkpoints"
-    data_dir: str = "data/prepared"
+    """The training knobs. CLI flags, MLproject parameters and SageMaker hyperparameters are derived from
+    these fields (`train_knobs`, `hyperparameter_keys`); `remote=False` marks knobs a job does not receive."""
+
+    backend: str = knob("local", "where to train: local | sagemaker", choices=("local", "sagemaker"),
+                        remote=False)
+    arch: str = knob("resnet34", "torchvision backbone (see README: supported architectures)")
+    pretrained: bool = knob(False, "start from torchvision's ImageNet weights (downloaded once, cached)")
+    weights_path: str = knob("", "a local .pth state dict to start from (offline pretrained)", remote=False)
+    epochs: int = knob(15, "epochs", min=1, max=100000)
+    batch_size: int = knob(64, "batch size", min=1, max=65536)
+    lr: float = knob(0.001, "learning rate", min=0.0)
+    weight_decay: float = knob(0.0001, "weight decay", min=0.0, max=1.0)
+    optimizer: str = knob("adamw", "adamw | sgd", choices=("adamw", "sgd"))
+    loss: str = knob("emd", "ce | emd (cross-entropy + squared earth mover's distance, ordinal-aware)",
+                     choices=("ce", "emd"))
+    emd_weight: float = knob(1.0, "weight of the emd term", min=0.0, max=1000.0)
+    class_balance: str = knob("weighted_loss", "weighted_loss | sampler | none",
+                              choices=("weighted_loss", "sampler", "none"))
+    augment: float = knob(0.5, "augmentation strength 0..1", min=0.0, max=1.0)
+    image_size: int = knob(224, "model input size (px)", min=16, max=2048)
+    seed: int = knob(42, "random seed")
+    patience: int = knob(4, "early stopping: epochs without a better validation macro_accuracy", min=1)
+    num_workers: int = knob(-1, "data loader workers; -1 = auto", min=-1, max=256)
+    device: str = knob("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"), remote=False)
+    precision: str = knob("auto", "auto | bf16 | fp32 (auto: bf16 where the chip computes it natively)",
+                          choices=("auto", "bf16", "fp32"))
+    profile_steps: int = knob(5, "torch.profiler steps recorded in the first epoch (0 = off)", min=0, max=1000)
+    checkpoint_dir: str = knob("checkpoints", "checkpoint folder (resume reads it)", remote=False)
+    data_dir: str = knob("data/prepared", "prepared data folder (train/ val/ test/)", remote=False)
 
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str = "bincounter"
-    model_name: str = "bin-counter"
-    champion_alias: str = "champion"
-    champion_metric: str = "macro_accuracy"
-    artifact_location: str = ""
+    tracking_uri: str = knob("sqlite:///mlflow.db", "MLflow tracking URI (MLFLOW_TRACKING_URI wins)")
+    experiment: str = knob("bincounter", "MLflow experiment")
+    model_name: str = knob("bin-counter", "registered model name")
+    champion_alias: str = knob("champion", "alias of the best registered version")
+    champion_metric: str = knob("macro_accuracy", "test metric that decides the champion (higher is better)")
+    artifact_location: str = knob("", "where a new experiment stores artifacts; empty = MLflow's default")
+
+
+DEFAULT_SPACE = {
+    "lr": {"type": "float", "low": 0.001, "high": 0.1, "log": True},
+    "batch_size": {"type": "categorical", "choices": [32, 64, 128, 256, 512]},
+    "arch": {"type": "categorical", "choices": ["resnet18", "resnet34", "resnet50"]},
+    "weight_decay": {"type": "float", "low": 0.000001, "high": 0.01, "log": True},
+    "augment": {"type": "float", "low": 0.0, "high": 1.0},
+    "loss": {"type": "categorical", "choices": ["ce", "emd"]},
+}
 
 
 @dataclass
 class HpoConfig:
-    n_trials: int = 20
-    n_jobs: int = 1
-    objective: str = "macro_accuracy"
-    storage: str = "sqlite:///optuna.db"
-    study_name: str = "bincounter-hpo"
-    space: dict[str, dict[str, Any]] = field(default_factory=dict)
-    max_jobs: int = 20
-    max_parallel_jobs: int = 2
+    n_trials: int = knob(20, "trials (local)", min=1)
+    n_jobs: int = knob(1, "parallel trials (local)", min=1, max=256)
+    objective: str = knob("macro_accuracy", "macro_accuracy (maximise) | rmse (minimise)",
+                          choices=("macro_accuracy", "rmse"))
+    storage: str = knob("sqlite:///optuna.db", "Optuna storage (the study resumes from it)")
+    study_name: str = knob("bincounter-hpo", "Optuna study name")
+    space: dict[str, dict[str, Any]] = knob(DEFAULT_SPACE, "the search space: name -> {type, low, high, log | choices}")
+    max_jobs: int = knob(20, "SageMaker tuning: training jobs in all", min=1)
+    max_parallel_jobs: int = knob(2, "SageMaker tuning: jobs at a time", min=1)
 
 
 @dataclass
 class SagemakerConfig:
-    region: str = ""
-    role_arn: str = ""
-    bucket: str = ""
-    instance_type: str = "ml.g5.xlarge"
-    instance_count: int = 1
-    framework_version: str = "2.5"
-    py_version: str = "py311"
-    use_spot: bool = False
-    max_run: int = 86400
-    max_wait: int = 172800
-    debugger: bool = False
-    job_prefix: str = "bincounter"
+    region: str = knob("", "AWS region (empty: the configured default)")
+    role_arn: str = knob("", "execution role of the training jobs")
+    bucket: str = knob("", "bucket for sources, checkpoints and models")
+    instance_type: str = knob("ml.g5.xlarge", "training instance type")
+    instance_count: int = knob(1, "training instances", min=1, max=100)
+    framework_version: str = knob("2.5", "PyTorch training image version")
+    py_version: str = knob("py311", "Python of the training image")
+    use_spot: bool = knob(False, "managed spot training")
+    max_run: int = knob(86400, "seconds a job may run", min=1)
+    max_wait: int = knob(172800, "seconds a spot job may wait and run", min=1)
+    debugger: bool = knob(False, "SageMaker Debugger rules (closed to new customers)")
+    job_prefix: str = knob("bincounter", "job name prefix")
 
 
 @dataclass
 class DeployConfig:
-    region: str = "us-east-1"
-    endpoint_name: str = "bin-counter"
-    execution_role_arn: str = ""
-    image_url: str = ""
-    instance_type: str = "ml.m5.large"
-    instance_count: int = 1
-    serverless: bool = False
-    serverless_memory_mb: int = 4096
-    serverless_max_concurrency: int = 5
+    region: str = knob("us-east-1", "endpoint region")
+    endpoint_name: str = knob("bin-counter", "endpoint name")
+    execution_role_arn: str = knob("", "role the endpoint runs as")
+    image_url: str = knob("", "serving image in ECR")
+    instance_type: str = knob("ml.m5.large", "real-time instance type")
+    instance_count: int = knob(1, "real-time instances", min=1)
+    serverless: bool = knob(False, "serverless endpoint instead of instances")
+    serverless_memory_mb: int = knob(4096, "serverless memory: 1024..6144 in steps of 1024")
+    serverless_max_concurrency: int = knob(5, "serverless concurrency", min=1, max=200)
 
 
 @dataclass
@@ -151,6 +183,94 @@ class Config:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class Knob:
+    """One declared parameter, as the CLI, MLproject and SageMaker see it."""
+
+    name: str  # flag / MLproject parameter / hyperparameter name
+    key: str  # dotted params key
+    type: Any
+    help: str
+    remote: bool
+
+
+def section_types() -> dict[str, type]:
+    """Section name -> its dataclass (data -> DataConfig, ...)."""
+    return typing.get_type_hints(Config)
+
+
+def knobs(section_name: str) -> list[Knob]:
+    """The declared parameters of one params.yaml section."""
+    section = section_types()[section_name]
+    hints = typing.get_type_hints(section)
+    return [Knob(f.name, f"{section_name}.{f.name}", hints[f.name], f.metadata.get("help", ""),
+                 f.metadata.get("remote", True)) for f in dataclasses.fields(section)]
+
+
+# Knobs outside `train` that a training command and a SageMaker job also take (flag name -> params key).
+EXTRA_TRAIN_KNOBS = {"max_count": "data.max_count", "experiment": "mlflow.experiment",
+                     "model_name": "mlflow.model_name"}
+
+
+def train_knobs() -> list[Knob]:
+    """Every training knob: TrainConfig's fields plus EXTRA_TRAIN_KNOBS, in declaration order."""
+    extra = []
+    for name, key in EXTRA_TRAIN_KNOBS.items():
+        section, _, attr = key.partition(".")
+        knob_ = next(k for k in knobs(section) if k.name == attr)
+        extra.append(dataclasses.replace(knob_, name=name))
+    return knobs("train") + extra
+
+
+def hyperparameter_keys() -> dict[str, str]:
+    """SageMaker hyperparameter name -> params key: the training knobs a job receives."""
+    return {k.name: k.key for k in train_knobs() if k.remote}
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One dimension of hpo.space: `{type: float|int, low, high, log}` or `{type: categorical, choices}`."""
+
+    name: str
+    kind: str
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    choices: tuple = ()
+
+
+def search_space(space: dict[str, Any], pinned: set[str] | frozenset = frozenset()) -> list[Dimension]:
+    """hpo.space parsed and checked once; Optuna (training.hpo) and SageMaker (aws.tuning) map these."""
+    tunable = {f.name for f in dataclasses.fields(TrainConfig)}
+    dims = []
+    for name, spec in space.items():
+        where = f"hpo.space.{name}"
+        if name not in tunable:
+            raise BincounterError(f"{where} is not a train knob (one of {', '.join(sorted(tunable))})")
+        if name in pinned:
+            continue
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind in ("float", "int"):
+            try:
+                low, high = float(spec["low"]), float(spec["high"])
+            except (KeyError, TypeError, ValueError):
+                raise BincounterError(f"{where}: {kind} needs numeric low and high") from None
+            log = bool(spec.get("log", False))
+            if not low < high:
+                raise BincounterError(f"{where}: low must be below high")
+            if log and low <= 0:
+                raise BincounterError(f"{where}: log scale needs low > 0")
+            dims.append(Dimension(name, kind, low, high, log))
+        elif kind == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, list) or not choices:
+                raise BincounterError(f"{where}: categorical needs a non-empty list of choices")
+            dims.append(Dimension(name, kind, choices=tuple(choices)))
+        else:
+            raise BincounterError(f"{where}: type must be float, int or categorical, got {kind!r}")
+    return dims
+
+
 def _coerce(value: Any, type_hint: Any, key: str) -> Any:
     """Turn a YAML value or a command-line string into the field's declared type."""
     origin = typing.get_origin(type_hint)
@@ -164,10 +284,15 @@ def _coerce(value: Any, type_hint: Any, key: str) -> Any:
             return False
         raise BincounterError(f"{key}: expected true or false, got {value!r}")
     if type_hint in (int, float):
+        if isinstance(value, bool):
+            raise BincounterError(f"{key}: expected a number, got {value!r}")
         try:
             number = type_hint(float(value)) if type_hint is int else float(value)
-        except (TypeError, ValueError):
-            raise BincounterError(f"{key}: expected a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise BincounterError(f"{key}: expected a{' whole' if type_hint is int else ''} number, "
+                                  f"got {value!r}") from None
+        if not math.isfinite(number):
+            raise BincounterError(f"{key}: expected a finite number, got {value!r}")
         if type_hint is int and float(value) != number:
             raise BincounterError(f"{key}: expected a whole number, got {value!r}")
         return number
@@ -176,6 +301,8 @@ def _coerce(value: Any, type_hint: Any, key: str) -> Any:
     if origin is list:
         if isinstance(value, str):
             value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, list):
+            raise BincounterError(f"{key}: expected a list, got {value!r}")
         (item_type,) = typing.get_args(type_hint)
         return [_coerce(v, item_type, key) for v in value]
     if origin is dict:
@@ -198,16 +325,21 @@ def _build_section(cls: type, values: dict[str, Any], section: str) -> Any:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read params.yaml (if present) and apply dotted overrides such as ``{"train.lr": 0.01}``.
+    """Read params.yaml and apply dotted overrides such as ``{"train.lr": 0.01}``.
 
-    Overrides whose value is None are ignored, so argparse defaults of None mean "keep params.yaml".
+    A params file named explicitly (argument or $BINCOUNTER_PARAMS) must exist; without one, ./params.yaml
+    is read when present and the declared defaults apply otherwise. Overrides whose value is None or ""
+    are ignored, so argparse defaults of None (and MLproject's "") mean "keep params.yaml".
     """
-    path = Path(path or os.environ.get("BINCOUNTER_PARAMS", DEFAULT_PARAMS))
+    named = path or os.environ.get("BINCOUNTER_PARAMS")
+    path = Path(named or DEFAULT_PARAMS)
     raw: dict[str, Any] = {}
-    if path.exists():
+    if named and not path.is_file():
+        raise BincounterError(f"params file {path} not found")
+    if path.is_file():
         try:
             raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise BincounterError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
         if not isinstance(raw, dict):
             raise BincounterError(f"{path}: expected a mapping of sections")
@@ -225,6 +357,9 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, s
     unknown = set(raw) - set(sections)
     if unknown:
         raise BincounterError(f"{source}: unknown section(s): {', '.join(sorted(unknown))}")
+    for name in sections:
+        if raw.get(name) is not None and not isinstance(raw[name], dict):
+            raise BincounterError(f"{source}: section '{name}' must be a mapping of keys")
     raw = {name: dict(raw.get(name) or {}) for name in sections}
     for key, value in (overrides or {}).items():
         if value is None or value == "":
@@ -240,25 +375,27 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, s
 
 
 def validate(config: Config) -> None:
+    """Every knob within its declared choices and range, then the rules that tie knobs together."""
+    for section in dataclasses.fields(Config):
+        values = getattr(config, section.name)
+        for spec in dataclasses.fields(values):
+            _check_knob(f"{section.name}.{spec.name}", getattr(values, spec.name), spec.metadata)
     fractions = config.split.fractions
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise BincounterError(f"split.fractions must be three non-negative numbers summing to 1, got {fractions}")
-    if config.data.max_count < 1:
-        raise BincounterError("data.max_count must be at least 1")
-    if config.train.loss not in ("ce", "emd"):
-        raise BincounterError(f"train.loss must be 'ce' or 'emd', got {config.train.loss!r}")
-    if config.train.class_balance not in ("weighted_loss", "sampler", "none"):
-        raise BincounterError(
-            f"train.class_balance must be weighted_loss, sampler or none, got {config.train.class_balance!r}"
-        )
-    if config.train.optimizer not in ("adamw", "sgd"):
-        raise BincounterError(f"train.optimizer must be adamw or sgd, got {config.train.optimizer!r}")
-    if config.train.precision not in ("auto", "bf16", "fp32"):
-        raise BincounterError(f"train.precision must be auto, bf16 or fp32, got {config.train.precision!r}")
-    if config.train.backend not in ("local", "sagemaker"):
-        raise BincounterError(f"backend must be local or sagemaker, got {config.train.backend!r}")
-    if config.hpo.objective not in ("macro_accuracy", "rmse"):
-        raise BincounterError(f"hpo.objective must be macro_accuracy or rmse, got {config.hpo.objective!r}")
+    if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise BincounterError(f"split.fractions must be three positive numbers (train, val, test) summing to 1, "
+                              f"got {fractions}")
+    search_space(config.hpo.space)
+
+
+def _check_knob(key: str, value: Any, spec: Any) -> None:
+    choices, low, high = spec.get("choices"), spec.get("min"), spec.get("max")
+    if choices and value not in choices:
+        names = [str(c) for c in choices]
+        raise BincounterError(f"{key} must be {', '.join(names[:-1])} or {names[-1]}, got {value!r}")
+    if low is not None and value < low:
+        raise BincounterError(f"{key} must be at least {low:g}, got {value!r}")
+    if high is not None and value > high:
+        raise BincounterError(f"{key} must be at most {high:g}, got {value!r}")
 
 
 def file_sha256(path: str | os.PathLike) -> str:

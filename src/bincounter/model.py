@@ -35,6 +35,14 @@ class BinCounterNet(nn.Module):
         return self.backbone(x.contiguous(memory_format=torch.channels_last))
 
 
+def eval_transform(image_size: int):
+    """The whole (already squashed) photo resized to the model's input size: validation, test and serving
+    all use this one transform, so the served model sees what evaluation saw."""
+    from torchvision.transforms import v2
+
+    return v2.Resize((image_size, image_size), antialias=True)
+
+
 def _replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     """Swap the last Linear layer (resnet .fc, efficientnet/mobilenet/convnext .classifier[-1]) for ours."""
     last_name, last = None, None

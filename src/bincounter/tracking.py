@@ -1,4 +1,6 @@
-"""Everything MLflow: runs, params, lineage tags, metrics, plots, profiles, the model and its registry.
+"""MLflow plumbing every wing shares: the store, runs with their params and lineage tags, the champion rule.
+
+What a training run logs (metrics, plots, profiles, the model) is in bincounter.training.records.
 
 Local-first: the tracking URI is MLFLOW_TRACKING_URI when set (as `mlflow run` sets it), otherwise
 mlflow.tracking_uri from params.yaml (a local sqlite file by default).
@@ -11,17 +13,15 @@ import os
 import subprocess
 from pathlib import Path
 
+import hashlib
+import json
+
 import mlflow
-import numpy as np
 import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from bincounter.config import Config, file_sha256
-from bincounter.metrics import METRIC_NAMES, confusion, plot_confusion, plot_per_class
-from bincounter.profiling import check_rules, write_report
-
-EPOCH_METRICS = METRIC_NAMES + ("train_loss", "val_loss", "lr")
+from bincounter.config import Config
 
 
 def setup(config: Config) -> None:
@@ -51,7 +51,7 @@ def maybe_run(config: Config, enabled: bool = True, nested: bool = False, run_na
         run = mlflow.start_run(nested=nested, run_name=run_name, log_system_metrics=True)
     try:
         log_params(config)
-        mlflow.set_tags(lineage_tags())
+        mlflow.set_tags(lineage_tags(config))
         yield run
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
@@ -80,78 +80,41 @@ def log_params(config: Config) -> None:
     mlflow.log_params({k: v for k, v in params.items() if k not in existing})
 
 
-def lineage_tags(params_path: str = "params.yaml", lock_path: str = "dvc.lock") -> dict[str, str]:
-    tags = {}
+def lineage_tags(config: Config, lock_path: str = "dvc.lock") -> dict[str, str]:
+    """git commit, a hash of the effective parameters (params file + --set + flags + -P, as resolved) and
+    the DVC hashes of the data the run read."""
+    tags = {"params_sha256": params_sha256(config)}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         if commit.returncode == 0:
             tags["git_commit"] = commit.stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         pass
-    if Path(params_path).exists():
-        tags["params_sha256"] = file_sha256(params_path)
-    if Path(lock_path).exists():
-        lock = yaml.safe_load(Path(lock_path).read_text()) or {}
-        for stage in lock.get("stages", {}).values():
-            for out in stage.get("outs", []):
-                if out.get("path") in ("data/splits", "data/prepared") and out.get("md5"):
-                    tags[f"dvc.{out['path'].split('/')[-1]}.md5"] = out["md5"]
+    tags.update(dvc_hashes(config, lock_path))
     return tags
 
 
-def log_epoch(epoch: int, metrics: dict) -> None:
-    mlflow.log_metrics({k: float(metrics[k]) for k in EPOCH_METRICS if k in metrics}, step=epoch)
+def params_sha256(config: Config) -> str:
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
-def set_hardware_tags(device: str, precision: str) -> None:
-    """What the run actually trained on (train.device/precision may say `auto`)."""
-    mlflow.set_tags({"device": device, "precision": precision})
-
-
-def log_test(test: dict, num_classes: int, out_dir: Path, prefix: str = "test") -> None:
-    plots = Path(out_dir) / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    mlflow.log_metrics({f"{prefix}_{k}": float(v) for k, v in test["metrics"].items()})
-    matrix = confusion(test["targets"], test["predictions"], num_classes)
-    plot_confusion(matrix, plots / "confusion_matrix.png", f"{prefix} confusion matrix")
-    plot_per_class(test["metrics"], num_classes, plots / "per_class_accuracy.png", f"{prefix} recall per count")
-    rows = ["image_id,count,predicted,confidence"] + [
-        f"{i},{t},{p},{prob[p]:.4f}"
-        for i, t, p, prob in zip(test["ids"], test["targets"], test["predictions"], test["probabilities"])
-    ]
-    (plots / f"{prefix}_predictions.csv").write_text("\n".join(rows) + "\n")
-    mlflow.log_artifacts(str(plots), "plots")
-
-
-def write_profile(result, profile_dir: Path, config: Config) -> Path:
-    profile_dir.mkdir(parents=True, exist_ok=True)
-    rules = check_rules(result.history)
-    context = {"device": result.device, "precision": result.precision, "arch": config.train.arch,
-               "batch size": config.train.batch_size, "epochs run": len(result.history.train_loss), "best epoch": result.best_epoch}
-    report = write_report(profile_dir / "report.md", rules, result.history, result.top_operators, context)
-    lines = ["rule,status,evidence"] + [f'{r.name},{r.status},"{r.evidence}"' for r in rules]
-    (profile_dir / "rules.csv").write_text("\n".join(lines) + "\n")
-    result.rules = rules
-    return report
-
-
-def log_profile(profile_dir: Path, report: Path) -> None:
-    import csv
-
-    with open(profile_dir / "rules.csv", newline="") as handle:
-        for row in csv.DictReader(handle):
-            mlflow.set_tag(f"rule.{row['rule']}", row["status"])
-            mlflow.set_tag(f"rule.{row['rule']}.evidence", row["evidence"][:500])
-    mlflow.log_artifacts(str(profile_dir), "profile")
-
-
-def log_model(model_dir: Path, config: Config, val_dir: Path, register: bool = True):
-    from bincounter.pyfunc import example_image_b64, log_pyfunc
-    from bincounter.prepare import load_prepared
-
-    images, _, _ = load_prepared(val_dir)
-    example = example_image_b64(images[0]) if len(images) else example_image_b64(np.zeros((64, 64, 3), np.uint8))
-    return log_pyfunc(model_dir, example, config.mlflow.model_name if register else None)
+def dvc_hashes(config: Config, lock_path: str = "dvc.lock") -> dict[str, str]:
+    """dvc.<out>.md5 for the split and prepared outputs recorded in dvc.lock (paths from params.yaml)."""
+    path = Path(lock_path)
+    if not path.is_file():
+        return {}
+    try:
+        lock = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return {}
+    wanted = {Path(config.split.out_dir).as_posix(): "splits", Path(config.prepare.out_dir).as_posix(): "prepared"}
+    tags = {}
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            name = wanted.get(Path(str(out.get("path", ""))).as_posix())
+            if name and out.get("md5"):
+                tags[f"dvc.{name}.md5"] = out["md5"]
+    return tags
 
 
 def promote(config: Config, model_info, test_metrics: dict) -> tuple[str | None, bool]:

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from bincounter.config import Config, file_sha256
 from bincounter.errors import BincounterError
+from bincounter.files import write_text
 from bincounter.storage import parse_s3_uri, s3_client
 
 # prepared folder -> SageMaker channel name
@@ -40,8 +41,7 @@ def sync(config: Config) -> dict:
         print("sync: sync.s3_uri is empty; recorded local only")
     else:
         record = {"mode": "s3", "channels": _upload(prepared, config.sync.s3_uri)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    write_text(out, json.dumps(record, indent=2) + "\n")
     return record
 
 

@@ -13,8 +13,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from bincounter.config import Config
+from bincounter.files import write_csv
 from bincounter.errors import BincounterError
-from bincounter.fetch import IMAGES, INDEX, METADATA
+from bincounter.data.fetch import IMAGES, INDEX, METADATA
 from bincounter.images import read_count
 
 SPLITS = ("train", "val", "test")
@@ -78,16 +79,6 @@ def _cut_sizes(n: int, fractions: list[float]) -> list[int]:
     return sizes
 
 
-def write_csv(path: Path, header: list[str], rows) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
 def read_split(path: str | os.PathLike) -> list[tuple[str, int]]:
     with open(path, newline="") as handle:
         return [(row["image_id"], int(row["count"])) for row in csv.DictReader(handle)]
@@ -105,7 +96,7 @@ def split(config: Config) -> dict[str, list[str]]:
     print(
         "split: " + ", ".join(f"{name} {len(ids)}" for name, ids in splits.items()) + f", rejected {len(rejects)}"
     )
-    from bincounter.eda import write_report
+    from bincounter.data.eda import write_report
 
     write_report(config, splits, labels, rejects)
     return splits

@@ -10,12 +10,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from bincounter.prepare import load_prepared
-
-
-def eval_transform(image_size: int):
-    """The whole (already squashed) photo resized to the model's input size: used at val, test and serving."""
-    return v2.Resize((image_size, image_size), antialias=True)
+from bincounter.data.prepare import load_prepared
+from bincounter.model import eval_transform
 
 
 def train_transform(image_size: int, strength: float):

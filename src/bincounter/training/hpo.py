@@ -16,24 +16,22 @@ import mlflow
 import optuna
 
 from bincounter import tracking
-from bincounter.config import Config, with_overrides
+from bincounter.config import Config, Dimension, search_space, with_overrides
 from bincounter.errors import BincounterError
+from bincounter.training.run import data_dirs_for, run_training
 
 MAXIMISE = {"macro_accuracy": True, "rmse": False}
 
 
-def suggest(trial: optuna.Trial, space: dict[str, dict]) -> dict:
+def suggest(trial: optuna.Trial, dims: list[Dimension]) -> dict:
     params = {}
-    for name, spec in space.items():
-        kind = spec.get("type")
-        if kind == "float":
-            params[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=spec.get("log", False))
-        elif kind == "int":
-            params[name] = trial.suggest_int(name, int(spec["low"]), int(spec["high"]), log=spec.get("log", False))
-        elif kind == "categorical":
-            params[name] = trial.suggest_categorical(name, list(spec["choices"]))
+    for dim in dims:
+        if dim.kind == "float":
+            params[dim.name] = trial.suggest_float(dim.name, dim.low, dim.high, log=dim.log)
+        elif dim.kind == "int":
+            params[dim.name] = trial.suggest_int(dim.name, int(dim.low), int(dim.high), log=dim.log)
         else:
-            raise BincounterError(f"hpo.space.{name}: type must be float, int or categorical, got {kind!r}")
+            params[dim.name] = trial.suggest_categorical(dim.name, list(dim.choices))
     return params
 
 
@@ -47,13 +45,11 @@ def make_study(config: Config) -> optuna.Study:
 
 
 def objective_fn(config: Config, parent_run_id: str, pinned: set[str], checkpoints: Path):
-    from bincounter.train import run_training
-
     name = config.hpo.objective
-    space = {k: v for k, v in config.hpo.space.items() if k not in pinned}
+    dims = search_space(config.hpo.space, pinned)
 
     def objective(trial: optuna.Trial) -> float:
-        params = suggest(trial, space)
+        params = suggest(trial, dims)
         overrides = {f"train.{k}": v for k, v in params.items()}
         overrides["train.checkpoint_dir"] = str(checkpoints / f"trial-{trial.number}")
         trial_config = with_overrides(config, overrides)
@@ -63,7 +59,7 @@ def objective_fn(config: Config, parent_run_id: str, pinned: set[str], checkpoin
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch} ({name}={metrics[name]:.4f})")
 
-        outcome = run_training(trial_config, nested=True, parent_run_id=parent_run_id, register=False,
+        outcome = run_training(trial_config, data_dirs_for(trial_config), nested=True, parent_run_id=parent_run_id, register=False,
                                on_epoch=report, run_name=f"trial-{trial.number}")
         trial.set_user_attr("run_id", outcome.run_id)
         trial.set_user_attr("model_uri", outcome.model_uri)
@@ -76,10 +72,7 @@ def objective_fn(config: Config, parent_run_id: str, pinned: set[str], checkpoin
 
 
 def run_hpo(config: Config, pinned: set[str] | None = None) -> dict:
-    if config.train.backend == "sagemaker":
-        from bincounter.sagemaker_backend import launch_tuning
-
-        return launch_tuning(config)
+    """A local Optuna study over hpo.space (dimensions in `pinned` keep their configured value)."""
     if not config.hpo.space:
         raise BincounterError("hpo.space in params.yaml is empty: nothing to search")
     optuna.logging.set_verbosity(optuna.logging.WARNING)

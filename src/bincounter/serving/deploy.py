@@ -12,8 +12,10 @@ import os
 import re
 import sys
 
+from bincounter import tracking
 from bincounter.config import Config
 from bincounter.errors import BincounterError, first_line
+from bincounter.serving.predict import model_uri_for
 
 ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/.+")
 IMAGE_REPOSITORY = "mlflow-pyfunc"  # what `mlflow sagemaker build-and-push-container` pushes
@@ -99,9 +101,6 @@ def _client(config: Config):
 
 def deploy_command(config: Config, action: str, model: str | None = None, name: str | None = None):
     """create | update | get | delete | list; returns what MLflow's client returned."""
-    from bincounter import tracking
-    from bincounter.predict import model_uri_for
-
     name = name or config.deploy.endpoint_name
     try:
         if action in ("create", "update"):

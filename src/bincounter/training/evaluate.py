@@ -11,8 +11,12 @@ from mlflow.exceptions import MlflowException
 
 from bincounter import tracking
 from bincounter.config import Config
+from bincounter.data.split import SPLITS
 from bincounter.errors import BincounterError, first_line
 from bincounter.model import MODEL_CONFIG_FILE, load_model_dir
+from bincounter.training import records
+from bincounter.training.metrics import METRIC_NAMES
+from bincounter.training.run import evaluate_split
 
 
 def local_model_dir(model_uri: str) -> Path:
@@ -29,19 +33,15 @@ def local_model_dir(model_uri: str) -> Path:
 
 
 def evaluate_model(config: Config, model_uri: str, split: str = "test") -> dict:
-    from bincounter.train import evaluate_split
-
-    split_dir = Path(config.train.data_dir) / split if split in ("train", "val", "test") else Path(split)
+    split_dir = Path(config.train.data_dir) / split if split in SPLITS else Path(split)
     tracking.setup(config)
     model, model_config = load_model_dir(local_model_dir(model_uri))
-    config.train.image_size = model_config["image_size"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = evaluate_split(model, split_dir, config, device)
-    name = split if split in ("train", "val", "test") else "eval"
+    result = evaluate_split(model, split_dir, model_config["image_size"], model_config["max_count"] + 1, device)
+    name = split if split in SPLITS else "eval"
     with mlflow.start_run(run_name=f"evaluate-{name}"), tempfile.TemporaryDirectory() as tmp:
         mlflow.set_tags({"model_uri": model_uri, "split": str(split_dir)})
-        tracking.log_test(result, model_config["max_count"] + 1, Path(tmp), prefix=name)
+        records.log_test(result, model_config["max_count"] + 1, Path(tmp), prefix=name)
     metrics = result["metrics"]
-    print(" ".join(f"{k}={metrics[k]:.4f}" for k in ("accuracy", "rmse", "mae", "macro_accuracy",
-                                                     "off_by_one_accuracy")))
+    print(" ".join(f"{k}={metrics[k]:.4f}" for k in METRIC_NAMES))
     return metrics

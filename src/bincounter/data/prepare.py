@@ -18,9 +18,10 @@ from tqdm import tqdm
 
 from bincounter.config import Config
 from bincounter.errors import BincounterError
-from bincounter.fetch import IMAGES
+from bincounter.data.fetch import IMAGES
 from bincounter.images import BadImage, decode_and_resize
-from bincounter.split import SPLITS, read_split, write_csv
+from bincounter.data.split import SPLITS, read_split
+from bincounter.files import atomic_path, write_csv, write_text
 
 IMAGES_FILE = "images.npy"
 LABELS_FILE = "labels.csv"
@@ -36,11 +37,9 @@ def _load(args: tuple[str, int]) -> np.ndarray | str:
 
 
 def prepare_split(rows: list[tuple[str, int]], raw_images: Path, out_dir: Path, size: int, workers: int) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{IMAGES_FILE}.part"
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rows), size, size, 3))
     jobs = [(str(raw_images / f"{image_id}.jpg"), size) for image_id, _ in rows]
-    try:
+    with atomic_path(out_dir / IMAGES_FILE) as tmp:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rows), size, size, 3))
         with ProcessPoolExecutor(workers) as pool:
             results = pool.map(_load, jobs, chunksize=16)
             for k, result in enumerate(tqdm(results, total=len(jobs), desc=f"prepare {out_dir.name}", unit="img")):
@@ -49,9 +48,6 @@ def prepare_split(rows: list[tuple[str, int]], raw_images: Path, out_dir: Path, 
                 array[k] = result
         array.flush()
         del array
-        os.replace(tmp, out_dir / IMAGES_FILE)
-    finally:
-        tmp.unlink(missing_ok=True)
     write_csv(out_dir / LABELS_FILE, ["image_id", "count"], rows)
 
 
@@ -70,7 +66,7 @@ def prepare(config: Config) -> dict[str, float]:
         total += len(rows)
     seconds = time.perf_counter() - start
     meta = {"image_size": size, "max_count": config.data.max_count, "layout": "NHWC uint8 RGB"}
-    (out_root / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    write_text(out_root / META_FILE, json.dumps(meta, indent=2) + "\n")
     stats = {"images": total, "seconds": seconds, "images_per_s_per_core": total / seconds / workers,
              "bytes_per_image": size * size * 3}
     print(f"prepare: {total} images at {size}x{size} in {seconds:.1f}s "

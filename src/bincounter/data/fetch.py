@@ -7,19 +7,18 @@ Every outcome lands in data/raw/index.csv (image_id,status,reason) for the split
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
+from bincounter import files
 from bincounter.config import DataConfig
 from bincounter.errors import BincounterError
 from bincounter.images import BadImage, count_from_metadata, verify_jpeg
@@ -141,16 +140,8 @@ def read_manifest(path: str | os.PathLike) -> list[str]:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a hidden temp name in the same folder, then rename: a crash never leaves a valid-looking file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Verified bytes land under their final name only whole (fsync'd: a power cut keeps them or nothing)."""
+    files.write_bytes(path, data, fsync=True)
 
 
 def check_metadata(data: bytes) -> int:
@@ -253,9 +244,8 @@ class _Fetcher:
 
 
 def _clean_partials(raw_dir: Path) -> None:
-    for folder in (raw_dir / IMAGES, raw_dir / METADATA):
-        for leftover in folder.glob(".*.part"):
-            leftover.unlink(missing_ok=True)
+    for folder in (raw_dir, raw_dir / IMAGES, raw_dir / METADATA):
+        files.remove_partials(folder)
 
 
 def sample_balanced(fetcher: _Fetcher, cfg: DataConfig) -> list[str]:
@@ -294,14 +284,8 @@ def _count_or_none(fetcher: _Fetcher):
 
 
 def write_index(raw_dir: Path, statuses: dict[str, tuple[str, str]]) -> None:
-    path = raw_dir / INDEX
-    tmp = path.with_name(f".{INDEX}.part")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image_id", "status", "reason"])
-        for image_id, (status, reason) in statuses.items():
-            writer.writerow([image_id, status, reason])
-    os.replace(tmp, path)
+    rows = ((image_id, status, reason) for image_id, (status, reason) in statuses.items())
+    files.write_csv(raw_dir / INDEX, ["image_id", "status", "reason"], rows)
 
 
 def fetch(cfg: DataConfig) -> FetchReport:

@@ -7,6 +7,9 @@ from pathlib import Path
 import numpy as np
 
 METRIC_NAMES = ("accuracy", "rmse", "mae", "macro_accuracy", "off_by_one_accuracy")
+LOSS_NAMES = ("train_loss", "val_loss")
+EPOCH_KEYS = LOSS_NAMES + METRIC_NAMES  # what each epoch's log line carries (SageMaker parses it)
+EPOCH_METRICS = METRIC_NAMES + LOSS_NAMES + ("lr",)  # what each epoch logs to MLflow
 
 
 def counting_metrics(y_true, y_pred, num_classes: int) -> dict[str, float]:

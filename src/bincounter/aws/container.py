@@ -1,34 +1,24 @@
-"""Inside a SageMaker training container: SM_* variables choose data, model, output and checkpoint folders.
+"""The container side of a SageMaker training job: SM_* variables choose data, model, output and
+checkpoint folders, and `train` hands them to the one training function (bincounter.training.run).
 
-SageMaker passes hyperparameters both as SM_HPS (JSON) and as command-line arguments; the same
-`bincounter train` entry point reads them, so the container runs exactly the local training code.
+SageMaker passes hyperparameters both as SM_HPS (JSON) and as `--name value` arguments; their names are
+the training knobs (config.hyperparameter_keys), so the container runs exactly the local training code.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
-from bincounter.config import Config, with_overrides
+from bincounter.config import Config, hyperparameter_keys, with_overrides
+from bincounter.data.prepare import IMAGES_FILE
 from bincounter.errors import BincounterError
 
 CHECKPOINT_DIR = "/opt/ml/checkpoints"  # SageMaker syncs it with CheckpointConfig.S3Uri; SM_CHECKPOINT_DIR overrides
 # "false": the job's own MLflow run (when MLFLOW_TRACKING_URI is set) does not register the model, because
-# the launching side registers it from model.tar.gz (bincounter.sagemaker_backend sets this).
+# the launching side registers it from model.tar.gz (bincounter.aws.jobs sets this).
 REGISTER_ENV = "BINCOUNTER_REGISTER_MODEL"
-# hyperparameter name (as SageMaker passes it) -> params key
-HP_KEYS = {
-    "arch": "train.arch", "pretrained": "train.pretrained", "epochs": "train.epochs",
-    "batch_size": "train.batch_size", "batch-size": "train.batch_size", "lr": "train.lr",
-    "weight_decay": "train.weight_decay", "optimizer": "train.optimizer", "loss": "train.loss",
-    "emd_weight": "train.emd_weight", "class_balance": "train.class_balance", "augment": "train.augment",
-    "image_size": "train.image_size", "seed": "train.seed", "patience": "train.patience",
-    "max_count": "data.max_count", "profile_steps": "train.profile_steps", "num_workers": "train.num_workers",
-    "precision": "train.precision",
-    "experiment": "mlflow.experiment", "model_name": "mlflow.model_name",
-}
 
 
 def in_container() -> bool:
@@ -45,10 +35,11 @@ def hyperparameters() -> dict[str, str]:
         hps = json.loads(raw)
     except json.JSONDecodeError:
         raise BincounterError("SM_HPS is not valid JSON") from None
-    unknown = set(hps) - set(HP_KEYS)
+    keys = hyperparameter_keys()
+    unknown = set(hps) - set(keys)
     if unknown:
         print(f"warning: ignoring unknown hyperparameters {sorted(unknown)}")
-    return {HP_KEYS[k]: v for k, v in hps.items() if k in HP_KEYS}
+    return {keys[k]: v for k, v in hps.items() if k in keys}
 
 
 def apply(config: Config) -> tuple[Config, dict[str, Path], Path, Path]:
@@ -64,15 +55,22 @@ def apply(config: Config) -> tuple[Config, dict[str, Path], Path, Path]:
         "test": Path(os.environ.get("SM_CHANNEL_TEST", "")),
     }
     for name, path in data_dirs.items():
-        if not (path / "images.npy").exists():
-            raise BincounterError(f"channel {name} ({path}) has no images.npy: check the job's input channels")
+        if not (path / IMAGES_FILE).exists():
+            raise BincounterError(f"channel {name} ({path}) has no {IMAGES_FILE}: check the job's input channels")
     model_dir = Path(os.environ["SM_MODEL_DIR"])
     output_dir = Path(os.environ.get("SM_OUTPUT_DATA_DIR", model_dir / "output"))
     return config, data_dirs, model_dir, output_dir
 
 
-def copy_outputs(profile_dir: Path, output_dir: Path) -> None:
-    """The profile lands in SM_OUTPUT_DATA_DIR (output.tar.gz), where the backend picks it up."""
-    target = output_dir / "profile"
-    if profile_dir.exists() and profile_dir.resolve() != target.resolve():
-        shutil.copytree(profile_dir, target, dirs_exist_ok=True)
+
+def train(config: Config):
+    """`bincounter train` inside a job: the channels, model and output folders from SM_*, always resuming
+    from the checkpoint folder (a spot interruption restarts the job), MLflow only when a tracking URI was
+    forwarded to the job. The profile lands in SM_OUTPUT_DATA_DIR/profile (output.tar.gz). -> TrainOutcome"""
+    from bincounter.training.run import run_training  # torch and mlflow load only when a job trains
+
+    config, data_dirs, model_dir, output_dir = apply(config)
+    track = bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    outcome = run_training(config, data_dirs, resume=True, model_dir=model_dir, output_dir=output_dir,
+                           track=track, register=register_model())
+    return outcome

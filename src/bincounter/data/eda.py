@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bincounter.config import Config  # noqa: E402
-from bincounter.fetch import IMAGES  # noqa: E402
+from bincounter.data.fetch import IMAGES  # noqa: E402
 
 
 def write_report(config: Config, splits: dict[str, list[str]], labels: dict[str, int], rejects: dict[str, str]):

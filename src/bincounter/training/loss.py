@@ -1,0 +1,45 @@
+"""The counting loss: cross-entropy, plus an ordinal term that charges more for being further off."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def class_weights(counts: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, mean 1 over the classes present; absent classes get 0."""
+    freq = torch.bincount(counts, minlength=num_classes).float()
+    weights = torch.where(freq > 0, 1.0 / freq.clamp(min=1), torch.zeros_like(freq))
+    return weights * (freq > 0).sum() / weights.sum()
+
+
+class CountLoss(nn.Module):
+    """Cross-entropy (optionally class-weighted) + emd_weight x the squared earth mover's distance between
+    the predicted and the true count distributions. emd_weight=0 is plain cross-entropy."""
+
+    def __init__(self, emd_weight: float = 0.0, weights: torch.Tensor | None = None):
+        super().__init__()
+        self.emd_weight = float(emd_weight)
+        self.register_buffer("weights", weights, persistent=False)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()  # under autocast the logits may be bf16; the loss is always fp32
+        loss = F.cross_entropy(logits, targets, weight=self.weights)
+        if self.emd_weight:
+            loss = loss + self.emd_weight * self._emd(logits, targets)
+        return loss
+
+    def _emd(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        cdf_pred = torch.cumsum(F.softmax(logits, dim=1), dim=1)
+        cdf_true = torch.cumsum(F.one_hot(targets, logits.shape[1]).float(), dim=1)
+        per_sample = ((cdf_pred - cdf_true) ** 2).sum(dim=1)
+        if self.weights is None:
+            return per_sample.mean()
+        w = self.weights[targets]
+        return (per_sample * w).sum() / w.sum().clamp(min=1e-12)
+
+
+def make_loss(kind: str, emd_weight: float, weights: torch.Tensor | None = None) -> CountLoss:
+    """train.loss / train.emd_weight / class weights -> the loss module the loop is handed."""
+    return CountLoss(emd_weight if kind == "emd" else 0.0, weights)
