@@ -221,8 +221,7 @@ def accuracy(args) -> None:
             t0 = time.perf_counter()
             result = fit(with_overrides(config, {"train.loss": loss}), dirs)
             seconds = time.perf_counter() - t0
-            test = evaluate_split(result.model, dirs["test"], config.train.image_size,
-                                  config.data.num_classes, torch.device("cpu"))["metrics"]
+            test = evaluate_split(result.model, dirs["test"], result.model_config, torch.device("cpu"))["metrics"]
             rows.append((f"bincounter {loss} {result.precision}", test, seconds, result.best_epoch))
             print(rows[-1], flush=True)
         if not args.skip_baseline:

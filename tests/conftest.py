@@ -243,3 +243,14 @@ def empty_params(folder: Path) -> str:
     path = Path(folder) / "empty-params.yaml"
     path.write_text("{}\n")
     return str(path)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _environment_under_test_first_on_path():
+    """Subprocesses (`mlflow run` runs `bash -c "python ..."`, dvc stages run `bincounter`) must run the
+    interpreter and console scripts of the environment under test, not whatever comes first on PATH."""
+    bindir = str(Path(sys.executable).parent)
+    saved = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([bindir] + [p for p in saved.split(os.pathsep) if p and p != bindir])
+    yield bindir
+    os.environ["PATH"] = saved

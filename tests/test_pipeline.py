@@ -29,9 +29,19 @@ def test_split_is_stratified_seeded_and_rejects_with_reasons(prepared):
     assert sorted(i for rows in splits.values() for i, _ in rows) == sorted(usable)
     for rows in splits.values():
         assert all(usable[i] == c for i, c in rows)
+    # the default grouped split: each block of 100 neighbouring ids (one pod) lies on one side
+    from bincounter.data.split import group_of
+
+    side = {}
+    for name, rows in splits.items():
+        for image_id, _ in rows:
+            assert side.setdefault(group_of(image_id, 100), name) == name, image_id
+    assert json.loads((prepared / "data/eda/summary.json").read_text())["strategy"] == "grouped"
+    # the random strategy cuts each count exactly by the fractions
+    random_splits = stratified_split(usable, [0.6, 0.2, 0.2], seed=42)
     for count in set(usable.values()):
         n = sum(1 for c in usable.values() if c == count)
-        sizes = [sum(1 for _, c in splits[s] if c == count) for s in ("train", "val", "test")]
+        sizes = [sum(1 for i in random_splits[s] if usable[i] == count) for s in ("train", "val", "test")]
         assert sizes == _cut_sizes(n, [0.6, 0.2, 0.2])
         assert all(abs(size - n * f) < 1 for size, f in zip(sizes, (0.6, 0.2, 0.2)))
     rejects = (prepared / "data/splits/rejects.csv").read_text().splitlines()[1:]
@@ -78,9 +88,9 @@ def test_sync_uploads_channels_incrementally(aws, prepared, tmp_path, capsys):
     assert record["channels"] == {ch: f"s3://sm-data/abid/v1/{ch}/" for ch in ("train", "validation", "test")}
     keys = {o["Key"] for o in s3_client().list_objects_v2(Bucket="sm-data")["Contents"]}
     assert "abid/v1/validation/images.npy" in keys and "abid/v1/train/labels.csv" in keys
-    assert "uploaded 7" in capsys.readouterr().out
+    assert "uploaded 10" in capsys.readouterr().out  # per channel images.npy, labels.csv, prepared.json; meta.json
     sync(config)
-    assert "uploaded 0, unchanged 7" in capsys.readouterr().out
+    assert "uploaded 0, unchanged 10" in capsys.readouterr().out
     assert json.loads(Path(config.sync.out).read_text()) == record
 
 
@@ -101,6 +111,21 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     return result
+
+
+def _assert_up_to_date(project: Path) -> None:
+    """Every stage up to date but `subset`, which runs on every repro to checksum the manifest."""
+    assert json.loads(_run(["dvc", "status", "--json"], project).stdout) == {"subset": ["always changed"]}
+
+
+def test_subprocesses_run_the_environment_under_test():
+    """`mlflow run` runs `python ...` and dvc stages run `bincounter`: both must come from this environment."""
+    import sys
+
+    bindir = Path(sys.executable).parent
+    for name in ("python", "bincounter", "dvc", "mlflow"):
+        found = shutil.which(name)
+        assert found and Path(found).parent == bindir, (name, found)
 
 
 @pytest.mark.slow
@@ -126,13 +151,13 @@ def test_dvc_repro_status_refetch_push_pull(aws, tmp_path):
     assert sum(counts.values()) == sum(1 for c in fixture_labels().values() if c <= 5)
     assert (project / "data/prepared/train/images.npy").exists()
     assert json.loads((project / "data/sync.json").read_text())["mode"] == "s3"
-    assert "up to date" in _run(["dvc", "status"], project).stdout.lower()
+    _assert_up_to_date(project)
 
     for image_id in ids[:2]:
         (project / "data/raw/bin-images" / f"{image_id}.jpg").unlink()
     _run(["dvc", "repro"], project)
     assert all((project / "data/raw/bin-images" / f"{i}.jpg").exists() for i in ids[:2])
-    assert "up to date" in _run(["dvc", "status"], project).stdout.lower()
+    _assert_up_to_date(project)
 
     _run(["dvc", "remote", "add", "-d", "store", "s3://dvc-store/cache"], project)
     _run(["dvc", "push"], project)
@@ -140,3 +165,55 @@ def test_dvc_repro_status_refetch_push_pull(aws, tmp_path):
     shutil.rmtree(project / ".dvc/cache")
     _run(["dvc", "pull"], project)
     assert load_prepared(project / "data/prepared/test")[0].shape[1:] == (64, 64, 3)
+
+    # an edited manifest is noticed: fetch and the stages after it rerun, the splits follow the new manifest
+    dropped = [i for i in ids if fixture_labels()[i] <= 5][:2]
+    write_manifest(tmp_path / "manifest.json", [i for i in ids if i not in dropped])
+    repro = _run(["dvc", "repro"], project).stdout
+    assert "Running stage 'fetch'" in repro and "Running stage 'split'" in repro
+    now = {i for name in ("train", "val", "test") for i, _ in read_split(project / f"data/splits/{name}.csv")}
+    assert not now & set(dropped) and len(now) == sum(counts.values()) - 2
+    _assert_up_to_date(project)
+    assert "Running stage 'fetch'" not in _run(["dvc", "repro"], project).stdout  # unchanged manifest: no refetch
+
+
+@pytest.mark.slow
+def test_training_in_a_dvc_project_tags_the_data_hashes_and_the_effective_params(aws, tmp_path):
+    """A run trained where `dvc repro` ran carries dvc.lock's hashes of the splits and prepared data it read,
+    and params_sha256 of the configuration it really used (params file + --set + flags)."""
+    import hashlib
+
+    import mlflow
+    import torch
+    import yaml
+
+    from bincounter.config import build_config
+    from bincounter.training.checkpoints import CHECKPOINT_FILE
+
+    ids = seed_bucket()
+    project = _project_copy(tmp_path)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"].update(subset=str(write_manifest(tmp_path / "manifest.json", ids)), workers=8)
+    params["prepare"].update(image_size=64, workers=1)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro", "prepare"]):
+        _run(cmd, project)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    flags = ["--epochs", "1", "--arch", "resnet18", "--image-size", "48", "--batch-size", "8", "--num-workers", "0",
+             "--profile-steps", "0", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    sets = ["--set", f"mlflow.tracking_uri={uri}", "--set", "train.lr=0.005"]
+    _run(["bincounter", "train", *flags, *sets], project)
+
+    mlflow.set_tracking_uri(uri)
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert run.data.tags["dvc.splits.md5"] == next(o["md5"] for o in lock["split"]["outs"] if o["path"] == "data/splits")
+    assert run.data.tags["dvc.prepared.md5"] == lock["prepare"]["outs"][0]["md5"]
+    assert run.data.params["train.lr"] == "0.005" and run.data.params["train.image_size"] == "48"
+    # the hash is of the configuration the run used (as its checkpoint records it), not of params.yaml
+    used = torch.load(tmp_path / "ckpt" / CHECKPOINT_FILE, weights_only=True)["config"]
+    assert used["train"]["lr"] == 0.005 and used["mlflow"]["tracking_uri"] == uri
+    digest = hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()
+    assert run.data.tags["params_sha256"] == digest
+    plain = build_config(yaml.safe_load((project / "params.yaml").read_text()), {})
+    assert hashlib.sha256(json.dumps(plain.to_dict(), sort_keys=True).encode()).hexdigest() != digest

@@ -18,7 +18,7 @@ from conftest import empty_params, FIXTURES, fixture_labels, seed_bucket
 from bincounter.cli import main
 from bincounter.errors import BincounterError
 from bincounter.serving.predict import find_images, predict_paths
-from bincounter.serving.reconcile import judge, read_expected, reconcile_command
+from bincounter.serving.reconcile import judge, read_expected, read_records, reconcile_command
 
 pytestmark = pytest.mark.slow
 IMAGES = FIXTURES / "bin-images"
@@ -49,8 +49,9 @@ def test_predict_files_and_folders_prints_one_json_line_per_image(params, refere
     assert len(rows) == 1 + len(list(IMAGES.glob("*.jpg")))
     assert rows[0]["image"] == single and rows[1]["image"] == str(IMAGES / "00013.jpg")
     for row in rows:
-        assert set(row) == {"image", "count", "confidence", "probabilities"}
-        assert 0 <= row["count"] <= 5 and len(row["probabilities"]) == 6
+        assert set(row) == {"image", "count", "confidence", "probabilities", "expected_count"}
+        assert len(row["probabilities"]) == 6 and row["expected_count"] == pytest.approx(
+            sum(k * p for k, p in enumerate(row["probabilities"])))
         assert row["confidence"] == pytest.approx(max(row["probabilities"]))
         assert row["count"] == reference[row["image"]]["count"]  # batch size does not change answers
         assert row["probabilities"] == pytest.approx(reference[row["image"]]["probabilities"], abs=1e-5)
@@ -163,9 +164,12 @@ def test_expected_counts_from_csv_or_metadata_folder(tmp_path):
     assert read_expected(str(FIXTURES / "labels.csv")) == labels
     assert read_expected(str(FIXTURES / "metadata")) == labels
     bad = tmp_path / "bad.csv"
-    bad.write_text("image_id,expected\n00013,two\n")
-    with pytest.raises(BincounterError, match="line 2: expected count 'two' is not a whole number"):
-        read_expected(str(bad))
+    bad.write_text("image_id,expected\n00013,two\n00024,3\n00040,1\n00040,2\n../../etc/x,1\n00024,3\n")
+    records = read_records(str(bad))
+    assert records.expected == {"00024": 3} and records.repeated == 1  # the rest goes on
+    assert records.unusable["00013"] == "expected count 'two' is not a whole number (line 2)"
+    assert records.unusable["00040"] == "listed more than once with different counts (1 and 2)"
+    assert records.unusable["../../etc/x"].startswith("unsafe id '../../etc/x'")
     (tmp_path / "other.csv").write_text("id,count\n1,2\n")
     with pytest.raises(BincounterError, match="columns image_id,expected"):
         read_expected(str(tmp_path / "other.csv"))

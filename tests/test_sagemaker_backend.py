@@ -1,16 +1,26 @@
 """The SageMaker backend against a real moto_server: the requests it sends, and what comes back into MLflow.
 
-moto completes every training job at once without running it (and writes no artifact), so the tests place
-a real model.tar.gz / output.tar.gz where the job says its model is; failed and interrupted jobs are
-simulated at the one place the backend polls (`wait_for_job`).
+moto completes every training job at once without running it (and writes no artifact). The job's outputs
+are therefore made by the project's own container contract, once per session: `python -m bincounter train`
+with SM_* variables on the prepared fixture splits, its real SM_MODEL_DIR packed as model.tar.gz and its
+SM_OUTPUT_DATA_DIR as output.tar.gz. A recording HTTP proxy in front of moto_server (AWS_ENDPOINT_URL_SAGEMAKER)
+sees every SageMaker request the backend sends, and plays the service's part where moto cannot: it writes
+the job's outputs where the job says its model is, reports a job as still running or failed, and records
+StopTrainingJob (which moto answers with HTTP 500).
 """
 
 from __future__ import annotations
 
-import io
+import http.client
+import http.server
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import tarfile
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -118,7 +128,7 @@ def test_training_request_single_instance(sm):
     assert "profiler_config" not in request and "debug_rule_configurations" not in request
     assert request["environment"]["BINCOUNTER_REGISTER_MODEL"] == "false"
     assert "MLFLOW_TRACKING_URI" not in request["environment"]
-    assert not plan.distributed
+    assert plan.distributed  # a GPU instance type: torchrun, one process per GPU the job finds (SM_NUM_GPUS)
 
     jobs.submit(plan)
     described = sm.client.describe_training_job(TrainingJobName=plan.job_name)
@@ -133,8 +143,8 @@ def test_training_request_single_instance(sm):
     # what the container will run: the packaged source and the SDK's driver files
     source = json.loads(s3_text(sm, got["sm_drivers"] + "/sourcecode.json"))
     assert source["entry_script"] == "sm_entry.py" and source["requirements"] == "requirements.txt"
-    assert "basic_script_driver.py" in s3_text(sm, got["sm_drivers"] + "/sm_train.sh")
-    assert "mlflow==" in s3_text(sm, got["code"] + "/requirements.txt")
+    assert "torchrun_driver.py" in s3_text(sm, got["sm_drivers"] + "/sm_train.sh")
+    assert f"mlflow-skinny=={__import__('mlflow').__version__}" in s3_text(sm, got["code"] + "/requirements.txt")
     assert "runpy.run_module(\"bincounter\"" in s3_text(sm, got["code"] + "/sm_entry.py")
     assert "backend: local" in s3_text(sm, got["code"] + "/params.yaml")  # the job trains itself
     assert "def run_training" in s3_text(sm, got["code"] + "/bincounter/training/run.py")
@@ -220,51 +230,157 @@ def test_missing_region_and_local_only_channels(sm, monkeypatch, tmp_path):
 # ------------------------------------------------------------------ results back into MLflow
 
 
-def _tar(path: Path, files: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+def _pack(folder: Path, archive: Path) -> Path:
+    """What SageMaker uploads: the folder's contents at the root of a gzipped tar."""
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                tar.add(path, arcname=str(path.relative_to(folder)))
+    return archive
 
 
-def job_archives(tmp_path: Path) -> tuple[Path, Path]:
-    """model.tar.gz and output.tar.gz as a bincounter job leaves them (a real, untrained resnet18)."""
-    from bincounter.model import build_model, save_model_dir
+@pytest.fixture(scope="session")
+def real_job(prepared, tmp_path_factory):
+    """One training job run through the container contract (as test_container.py runs it), once per session:
+    its model.tar.gz and output.tar.gz are what a bincounter job really leaves."""
+    from bincounter.aws.package import package_source
 
-    model_dir = save_model_dir(build_model("resnet18", 6), tmp_path / "job_model", {
-        "arch": "resnet18", "max_count": 5, "image_size": 64, "stored_size": 72, "loss": "emd"})
-    test = {"accuracy": 0.5, "rmse": 1.0, "mae": 0.75, "macro_accuracy": 0.4, "off_by_one_accuracy": 0.9}
-    val = {**test, "macro_accuracy": 0.45, "train_loss": 1.2, "val_loss": 1.3}
-    (model_dir / "metrics.json").write_text(json.dumps({"test": test, "val": val, "best_epoch": 2}))
-    model = _tar(tmp_path / "model.tar.gz", {p.name: p.read_bytes() for p in model_dir.iterdir()})
-    output = _tar(tmp_path / "output.tar.gz", {
-        "profile/report.md": b"# profile\n", "profile/rules.csv": b'rule,status,evidence\nLossNotDecreasing,ok,"fine"\n'})
-    return model, output
+    root = tmp_path_factory.mktemp("sm_job")
+    code = package_source(config_on(prepared, root), root / "code")
+    data = prepared / "data/prepared"
+    model_dir, output_dir = root / "opt/ml/model", root / "opt/ml/output/data"
+    hps = {"epochs": "2", "arch": "resnet18", "batch_size": "8", "image_size": "64", "num_workers": "0",
+           "profile_steps": "2", "pretrained": "false"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SM_", "MLFLOW_", "BINCOUNTER_"))}
+    env.update({"SM_CHANNEL_TRAIN": str(data / "train"), "SM_CHANNEL_VALIDATION": str(data / "val"),
+                "SM_CHANNEL_TEST": str(data / "test"), "SM_MODEL_DIR": str(model_dir),
+                "SM_OUTPUT_DATA_DIR": str(output_dir), "SM_CHECKPOINT_DIR": str(root / "opt/ml/checkpoints"),
+                "SM_NUM_GPUS": "0", "SM_HPS": json.dumps(hps), "OMP_NUM_THREADS": "1",
+                "BINCOUNTER_REGISTER_MODEL": "false"})
+    args = [a for k, v in hps.items() for a in (f"--{k}", v)]
+    proc = subprocess.run([sys.executable, "-m", "bincounter", "train", *args], cwd=code, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    with open(output_dir / "profile" / "rules.csv", newline="") as handle:
+        import csv
+
+        rules = {row["rule"]: row["status"] for row in csv.DictReader(handle)}
+    return SimpleNamespace(model_dir=model_dir, metrics=json.loads((model_dir / "metrics.json").read_text()),
+                           rules=rules, model_tar=_pack(model_dir, root / "model.tar.gz"),
+                           output_tar=_pack(output_dir, root / "output.tar.gz"))
 
 
-def test_launch_training_mirrors_completed_job(sm, monkeypatch):
-    import mlflow
-    from mlflow import MlflowClient
-
+def place_outputs(sm, real_job, model_artifact: str, output: bool = True) -> None:
+    """What a finished job leaves on S3: model.tar.gz where the job says, output.tar.gz beside it."""
     from bincounter.storage import parse_s3_uri
 
-    real_wait = follow.wait_for_job
-    model_tar, output_tar = job_archives(sm.tmp)
+    bucket, key = parse_s3_uri(model_artifact)
+    sm.s3.upload_file(str(real_job.model_tar), bucket, key)
+    if output:
+        sm.s3.upload_file(str(real_job.output_tar), bucket, key.rsplit("/", 1)[0] + "/output.tar.gz")
 
-    def wait_and_place_artifacts(client, job_name, **kwargs):
-        description = real_wait(client, job_name, **kwargs)
-        bucket, key = parse_s3_uri(description["ModelArtifacts"]["S3ModelArtifacts"])
-        sm.s3.upload_file(str(model_tar), bucket, key)
-        sm.s3.upload_file(str(output_tar), bucket, key.rsplit("/", 1)[0] + "/output.tar.gz")
-        return description
 
-    monkeypatch.setattr(jobs, "wait_for_job", wait_and_place_artifacts)
+class SageMakerProxy:
+    """A recording HTTP proxy on 127.0.0.1 in front of moto_server for the SageMaker API only.
+
+    Every request's X-Amz-Target and JSON body are recorded. on_create(job_name) runs after moto accepted a
+    CreateTrainingJob (the job "runs"); describe_patch is merged into DescribeTrainingJob answers (moto knows
+    no other state than Completed); on_describe(n) runs on the n-th DescribeTrainingJob."""
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream.removeprefix("http://")
+        self.requests: list[tuple[str, dict]] = []
+        self.on_create = None
+        self.describe_patch: dict = {}
+        self.on_describe = None
+        self.describes = 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                target = self.headers.get("X-Amz-Target", "")
+                try:
+                    payload = json.loads(body or b"{}")
+                except ValueError:
+                    payload = {}
+                proxy.requests.append((target, payload))
+                connection = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                connection.request("POST", self.path, body=body, headers=headers)
+                response = connection.getresponse()
+                status, data = response.status, response.read()
+                out_headers = [(k, v) for k, v in response.getheaders()
+                               if k.lower() not in ("content-length", "transfer-encoding", "connection")]
+                connection.close()
+                if status == 200 and target.endswith(".CreateTrainingJob") and proxy.on_create:
+                    proxy.on_create(payload["TrainingJobName"])
+                if status == 200 and target.endswith(".DescribeTrainingJob"):
+                    proxy.describes += 1
+                    if proxy.describe_patch:
+                        data = json.dumps({**json.loads(data), **proxy.describe_patch}).encode()
+                    if proxy.on_describe:
+                        proxy.on_describe(proxy.describes)
+                self.send_response(status)
+                for key, value in out_headers:
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def targets(self) -> list[str]:
+        return [t.rsplit(".", 1)[-1] for t, _ in self.requests]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def sm_proxy(sm, monkeypatch):
+    proxy = SageMakerProxy(os.environ["AWS_ENDPOINT_URL"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER", proxy.url)
+    yield proxy
+    proxy.close()
+
+
+def test_proxy_sees_the_backends_sagemaker_requests(sm, sm_proxy):
+    """The recording proxy is really on the path (otherwise the tests below would assert nothing)."""
+    plan = jobs.build_training_request(sm.make())
+    jobs.submit(plan)
+    created = [body for target, body in sm_proxy.requests if target == "SageMaker.CreateTrainingJob"]
+    assert [b["TrainingJobName"] for b in created] == [plan.job_name]
+    assert "DescribeTrainingJob" in sm_proxy.targets()
+
+
+def test_launch_training_mirrors_completed_job(sm, sm_proxy, real_job):
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from conftest import FIXTURES
+    from mlflow import MlflowClient
+
+    from bincounter.serving.pyfunc import encode_image_file
+
+    def job_ran(job_name):  # the service side: the finished job's outputs appear where it says its model is
+        place_outputs(sm, real_job, sm.client.describe_training_job(TrainingJobName=job_name)
+                      ["ModelArtifacts"]["S3ModelArtifacts"])
+
+    sm_proxy.on_create = job_ran
     config = sm.make()
     outcome = jobs.launch_training(config)
-    assert outcome.test_metrics["macro_accuracy"] == 0.4 and outcome.val_metrics["macro_accuracy"] == 0.45
-    assert outcome.registered_version == "1" and outcome.champion
+    assert "CreateTrainingJob" in sm_proxy.targets() and "StopTrainingJob" not in sm_proxy.targets()
+    # what the project derives from the job's own files
+    assert outcome.test_metrics == real_job.metrics["test"] and outcome.val_metrics == real_job.metrics["val"]
+    assert outcome.registered_version == "1"
 
     client = MlflowClient(config.mlflow.tracking_uri)
     run = client.get_run(outcome.run_id)
@@ -274,57 +390,62 @@ def test_launch_training_mirrors_completed_job(sm, monkeypatch):
     assert run.data.tags["sagemaker.status"] == "Completed" and run.data.tags["backend"] == "sagemaker"
     assert run.data.params["train.arch"] == "resnet18"
     metrics = run.data.metrics
-    assert metrics["test_macro_accuracy"] == 0.4 and metrics["macro_accuracy"] == 0.45
+    for name, value in real_job.metrics["test"].items():
+        assert metrics[f"test_{name}"] == pytest.approx(value), name
+    assert metrics["macro_accuracy"] == pytest.approx(real_job.metrics["val"]["macro_accuracy"])
     assert "sagemaker/train_progress" in metrics  # moto's FinalMetricDataList
-    assert run.data.tags["rule.LossNotDecreasing"] == "ok"
+    rules = {k.removeprefix("rule."): v for k, v in run.data.tags.items()
+             if k.startswith("rule.") and not k.endswith(".evidence")}
+    assert rules == real_job.rules and "loss_not_decreasing" in rules  # the rules.csv the job wrote
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "profile")}
-    assert "profile/report.md" in artifacts
-    champion = client.get_model_version_by_alias(config.mlflow.model_name, "champion")
-    assert str(champion.version) == "1" and champion.tags["test_macro_accuracy"] == "0.400000"
+    assert {"profile/report.md", "profile/rules.csv"} <= artifacts
+    version = client.get_model_version(config.mlflow.model_name, "1")
+    assert version.run_id == outcome.run_id
+    assert float(version.tags["test_macro_accuracy"]) == pytest.approx(real_job.metrics["test"]["macro_accuracy"], abs=1e-6)
+    if outcome.champion:  # the champion rule decided on the job's test score
+        assert str(client.get_model_version_by_alias(config.mlflow.model_name, "champion").version) == "1"
+    else:
+        assert "champion_refused" in version.tags
 
-    # the registered model is the usual pyfunc: it counts a real bin photo
-    import pandas as pd
-    from conftest import FIXTURES
-
-    from bincounter.serving.pyfunc import encode_image_file
+    # the registered model is the job's model: its weights and model config are the job's SM_MODEL_DIR files
+    import torch
 
     mlflow.set_tracking_uri(config.mlflow.tracking_uri)
-    model = mlflow.pyfunc.load_model(f"models:/{config.mlflow.model_name}@champion")
-    image = min((FIXTURES / "bin-images").glob("*.jpg"))
-    prediction = model.predict(pd.DataFrame({"image": [encode_image_file(image)]}))
-    assert 0 <= int(prediction["count"][0]) <= 5 and len(prediction["probabilities"][0]) == 6
+    registered = Path(mlflow.artifacts.download_artifacts(f"models:/{config.mlflow.model_name}/1"))
+    weights = next(registered.glob("artifacts/*/weights.pt"))
+    mine, theirs = (torch.load(p, weights_only=True) for p in (weights, real_job.model_dir / "weights.pt"))
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert json.loads((weights.parent / "model_config.json").read_text()) == \
+        json.loads((real_job.model_dir / "model_config.json").read_text())
+    # and it serves: the pyfunc answers every row of a batch of real photos with a distribution over 0..5
+    images = sorted((FIXTURES / "bin-images").glob("*.jpg"))[:4]
+    prediction = mlflow.pyfunc.load_model(f"models:/{config.mlflow.model_name}/1").predict(
+        pd.DataFrame({"image": [encode_image_file(i) for i in images]}))
+    assert np.allclose(np.stack(prediction["probabilities"]).sum(1), 1, atol=1e-4) and len(prediction) == 4
 
 
-def test_follow_existing_job_mirrors_it(sm):
+def test_follow_existing_job_mirrors_it(sm, real_job):
     """A job started earlier (say, by a session that lost its connection) mirrored into a new run."""
     from mlflow import MlflowClient
-
-    from bincounter.storage import parse_s3_uri
 
     config = sm.make()
     plan = jobs.build_training_request(config)
     description = jobs.submit(plan)
-    bucket, key = parse_s3_uri(description["ModelArtifacts"]["S3ModelArtifacts"])
-    model_tar, _ = job_archives(sm.tmp)
-    sm.s3.upload_file(str(model_tar), bucket, key)  # no output.tar.gz: the profile is optional
+    place_outputs(sm, real_job, description["ModelArtifacts"]["S3ModelArtifacts"], output=False)  # no profile
     outcome = follow.follow_training_job(config, plan.job_name)
-    assert outcome.registered_version == "1" and outcome.test_metrics["macro_accuracy"] == 0.4
+    assert outcome.registered_version == "1" and outcome.test_metrics == real_job.metrics["test"]
     run = MlflowClient(config.mlflow.tracking_uri).get_run(outcome.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["sagemaker.training_job_name"] == plan.job_name
-    assert "rule.LossNotDecreasing" not in run.data.tags
+    assert not [k for k in run.data.tags if k.startswith("rule.")]  # the profile is optional
 
 
-def test_failed_job_marks_run_failed(sm, monkeypatch):
+def test_failed_job_marks_run_failed(sm, sm_proxy):
     from mlflow import MlflowClient
 
     from bincounter.errors import BincounterError
 
-    def failed(client, job_name, **kwargs):
-        description = client.describe_training_job(TrainingJobName=job_name)
-        return {**description, "TrainingJobStatus": "Failed", "SecondaryStatus": "Failed",
-                "FailureReason": "AlgorithmError: CUDA out of memory"}
-
-    monkeypatch.setattr(jobs, "wait_for_job", failed)
+    sm_proxy.describe_patch = {"TrainingJobStatus": "Failed", "SecondaryStatus": "Failed",
+                               "FailureReason": "AlgorithmError: CUDA out of memory"}
     config = sm.make()
     with pytest.raises(BincounterError, match="failed: AlgorithmError: CUDA out of memory"):
         jobs.launch_training(config)
@@ -336,22 +457,31 @@ def test_failed_job_marks_run_failed(sm, monkeypatch):
     assert not client.search_registered_models()
 
 
-def test_ctrl_c_stops_job_and_kills_run(sm, monkeypatch, capsys):
+def test_ctrl_c_stops_job_and_kills_run(sm, sm_proxy, capsys):
+    """Ctrl-C while the job runs: StopTrainingJob goes out for that job (moto answers it with 500, which the
+    backend tolerates), and the MLflow run is KILLED."""
     from mlflow import MlflowClient
 
+    sm_proxy.describe_patch = {"TrainingJobStatus": "InProgress", "SecondaryStatus": "Training"}
+    main = threading.main_thread().ident
+    sent = []
 
-    def interrupted(client, job_name, **kwargs):
-        raise KeyboardInterrupt
+    def interrupt_while_waiting(count):  # the user presses Ctrl-C once the backend is following the job
+        if count == 2 and not sent:
+            sent.append(True)
+            threading.Timer(0.5, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
 
-    monkeypatch.setattr(jobs, "wait_for_job", interrupted)
+    sm_proxy.on_describe = interrupt_while_waiting
     config = sm.make()
     with pytest.raises(KeyboardInterrupt):
         jobs.launch_training(config)
-    out = capsys.readouterr().out
-    assert "could not stop" in out or "stop requested" in out  # moto answers StopTrainingJob with 500
+    stops = [body for target, body in sm_proxy.requests if target.endswith(".StopTrainingJob")]
     client = MlflowClient(config.mlflow.tracking_uri)
     [run] = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
-    assert run.info.status == "KILLED" and run.data.tags["sagemaker.training_job_name"]
+    job_name = run.data.tags["sagemaker.training_job_name"]
+    assert stops and {b["TrainingJobName"] for b in stops} == {job_name}
+    assert f"could not stop {job_name}" in capsys.readouterr().out  # moto: HTTP 500 on StopTrainingJob
+    assert run.info.status == "KILLED" and run.data.tags["sagemaker.status"] == "Stopping"
 
 
 def test_wait_for_job_follows_status_and_tolerates_missing_logs(sm, capsys):
@@ -520,14 +650,13 @@ def test_mirror_tuning_job_from_describe_results(sm):
                                      client=StubSageMaker(described))["children"] == 0
 
 
-def test_best_tuning_job_model_is_registered_from_its_artifact(sm, capsys):
+def test_best_tuning_job_model_is_registered_from_its_artifact(sm, real_job, capsys):
     """The best job is a real (emulated) training job whose model.tar.gz is on S3: mirroring the tuning job
     logs that model into the best child run and registers it with the champion rule, once."""
     import mlflow
     from mlflow import MlflowClient
 
     from bincounter import tracking
-    from bincounter.storage import parse_s3_uri
 
     job_name = "bc-hpo-1-002"
     sm.client.create_training_job(
@@ -538,10 +667,7 @@ def test_best_tuning_job_model_is_registered_from_its_artifact(sm, capsys):
         ResourceConfig={"InstanceType": "ml.g5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30},
         StoppingCondition={"MaxRuntimeInSeconds": 3600})
     artifact = sm.client.describe_training_job(TrainingJobName=job_name)["ModelArtifacts"]["S3ModelArtifacts"]
-    model_tar, output_tar = job_archives(sm.tmp)
-    bucket, key = parse_s3_uri(artifact)
-    sm.s3.upload_file(str(model_tar), bucket, key)
-    sm.s3.upload_file(str(output_tar), bucket, key.rsplit("/", 1)[0] + "/output.tar.gz")
+    place_outputs(sm, real_job, artifact)
 
     config = sm.make()
     tracking.setup(config)
@@ -553,9 +679,9 @@ def test_best_tuning_job_model_is_registered_from_its_artifact(sm, capsys):
 
     [child] = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert child.info.status == "FINISHED" and child.data.tags["hpo.model"] == "logged"
-    assert child.data.metrics["test_macro_accuracy"] == 0.4  # from the job's metrics.json
-    champion = client.get_model_version_by_alias(config.mlflow.model_name, "champion")
-    assert str(champion.version) == "1" and champion.run_id == child.info.run_id
+    assert child.data.metrics["test_macro_accuracy"] == pytest.approx(real_job.metrics["test"]["macro_accuracy"])
+    [version] = client.search_model_versions(f"name = '{config.mlflow.model_name}'")
+    assert str(version.version) == "1" and version.run_id == child.info.run_id
     assert "profile/report.md" in {a.path for a in client.list_artifacts(child.info.run_id, "profile")}
 
     # mirroring again registers nothing new

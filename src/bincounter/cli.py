@@ -9,6 +9,7 @@ runs (locally, as a SageMaker job, or inside one), so the training function neve
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Callable
 
@@ -134,7 +135,8 @@ def cmd_reconcile(args):
 def cmd_deploy(args):
     from bincounter.serving.deploy import deploy_command
 
-    deploy_command(_config(args), action=args.action, model=args.model, name=args.name)
+    deploy_command(_config(args), action=args.action, model=args.model, name=args.name, tag=args.tag,
+                   base=args.base, wheels=args.wheels, push=args.push)
 
 
 def cmd_mlproject(args):
@@ -237,13 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expected", required=True, help="CSV of image_id,expected, or a folder of ABID metadata JSON")
     p.add_argument("--images", required=True, help="folder (or s3:// prefix) holding <image_id>.jpg")
     p.add_argument("--report", default="reconcile.csv", help="CSV report to write")
-    p.add_argument("--low-confidence", type=float, default=0.5, help="confidence below which a bin is 'low'")
+    p.add_argument("--low-confidence", type=float, default=None,
+                   help="calibrated confidence below which a disagreement is 'low_confidence', not 'flagged' "
+                        "(default: the model's threshold, recorded at training to reach 90%% precision on validation)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch")
 
-    p = add("deploy", cmd_deploy, "Create, update, inspect or delete the SageMaker endpoint (deploy: in params).")
-    p.add_argument("action", choices=["create", "update", "get", "delete", "list"], help="what to do")
+    p = add("deploy", cmd_deploy, "Build the serving image; create, update, inspect or delete the SageMaker "
+            "endpoint; run a batch transform (deploy: in params).")
+    p.add_argument("action", choices=["build-image", "create", "update", "get", "delete", "list", "transform"],
+                   help="what to do")
     p.add_argument("--model", default=None, help="model URI (default models:/<model_name>@champion)")
-    p.add_argument("--name", default=None, help="endpoint name (default deploy.endpoint_name)")
+    p.add_argument("--name", default=None, help="endpoint (or transform job) name (default deploy.endpoint_name)")
+    p.add_argument("--tag", default=None, help="build-image: the image name, e.g. bin-counter-serving:3")
+    p.add_argument("--base", default=None, help="build-image: base image (default python:3.11-slim)")
+    p.add_argument("--wheels", default=None, metavar="DIR",
+                   help="build-image: download every wheel into DIR on this machine and build offline")
+    p.add_argument("--push", action="store_true", help="build-image: push to ECR (repository created if missing)")
 
     p = add("mlproject", cmd_mlproject, "Print the MLproject file derived from the declared knobs.")
     p.add_argument("--check", metavar="FILE", default=None, help="fail unless FILE equals the derived MLproject")
@@ -261,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: arguments without a flag (applied from SM_HPS if known): {' '.join(unknown)}")
     else:
         args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill`: the same clean stop as Ctrl-C
     try:
         args.func(args)
     except BincounterError as exc:
@@ -269,7 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: partial results were not kept; rerun to resume", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

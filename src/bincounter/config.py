@@ -52,6 +52,9 @@ class DataConfig:
 
 @dataclass
 class SplitConfig:
+    strategy: str = knob("grouped", "grouped: bins whose ids share a block of group_size ids stay on one side "
+                         "(neighbouring ids are often the same pod); random: per bin", choices=("grouped", "random"))
+    group_size: int = knob(100, "with strategy=grouped: ids per block ('523' and '00523' never share one)", min=1)
     seed: int = knob(42, "split seed")
     fractions: list[float] = knob([0.6, 0.2, 0.2], "train, val, test fractions; stratified by count")
     out_dir: str = knob("data/splits", "split CSVs")
@@ -100,6 +103,10 @@ class TrainConfig:
     device: str = knob("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"), remote=False)
     precision: str = knob("auto", "auto | bf16 | fp32 (auto: bf16 where the chip computes it natively)",
                           choices=("auto", "bf16", "fp32"))
+    decode: str = knob("argmax", "how a count is read from the probabilities: argmax (the most likely) | "
+                       "expected (the rounded expected count)", choices=("argmax", "expected"))
+    tta: bool = knob(False, "flip test-time augmentation in evaluation and in the served model")
+    calibrate: bool = knob(True, "fit a temperature on the validation split after training (served confidence)")
     profile_steps: int = knob(5, "torch.profiler steps recorded in the first epoch (0 = off)", min=0, max=1000)
     checkpoint_dir: str = knob("checkpoints", "checkpoint folder (resume reads it)", remote=False)
     data_dir: str = knob("data/prepared", "prepared data folder (train/ val/ test/)", remote=False)
@@ -152,11 +159,14 @@ class SagemakerConfig:
     max_wait: int = knob(172800, "seconds a spot job may wait and run", min=1)
     debugger: bool = knob(False, "SageMaker Debugger rules (closed to new customers)")
     job_prefix: str = knob("bincounter", "job name prefix")
+    validate_role: str = knob("auto", "SDK v3's client-side role check (iam:SimulatePrincipalPolicy): auto (on "
+                              "against AWS, off against an emulator) | true | false (least-privilege roles)",
+                              choices=("auto", "true", "false"))
 
 
 @dataclass
 class DeployConfig:
-    region: str = knob("us-east-1", "endpoint region")
+    region: str = knob("", "endpoint region (empty: sagemaker.region, else the configured AWS region)")
     endpoint_name: str = knob("bin-counter", "endpoint name")
     execution_role_arn: str = knob("", "role the endpoint runs as")
     image_url: str = knob("", "serving image in ECR")
@@ -165,6 +175,24 @@ class DeployConfig:
     serverless: bool = knob(False, "serverless endpoint instead of instances")
     serverless_memory_mb: int = knob(4096, "serverless memory: 1024..6144 in steps of 1024")
     serverless_max_concurrency: int = knob(5, "serverless concurrency", min=1, max=200)
+    workers: int = knob(1, "scoring-server worker processes per instance (MLFLOW_MODELS_WORKERS)", min=1, max=64)
+    threads: int = knob(0, "torch threads per worker (BINCOUNTER_THREADS); 0 = cores / workers", min=0, max=256)
+    async_output_path: str = knob("", "s3:// prefix: an asynchronous endpoint that writes its answers there")
+    async_success_topic: str = knob("", "async: SNS topic ARN told of each answered request (optional)")
+    async_error_topic: str = knob("", "async: SNS topic ARN told of each failed request (optional)")
+    async_max_concurrency: int = knob(4, "async: requests one instance works on at a time", min=1, max=1000)
+    traffic_shift: str = knob("all_at_once", "update: blue/green traffic shifting: all_at_once | canary | linear",
+                              choices=("all_at_once", "canary", "linear"))
+    traffic_step_percent: int = knob(10, "update: canary size, or linear step, in % of capacity", min=1, max=99)
+    traffic_wait_seconds: int = knob(300, "update: seconds each shifted step is watched before the next",
+                                     min=0, max=3600)
+    termination_wait_seconds: int = knob(300, "update: seconds the old fleet stays after the shift", min=0,
+                                         max=3600)
+    rollback_alarms: list[str] = knob([], "update: CloudWatch alarm names; one in ALARM rolls the update back")
+    transform_input: str = knob("", "batch transform: s3:// prefix of bin photos to count")
+    transform_output: str = knob("", "batch transform: s3:// prefix for the counts (<photo>.out)")
+    transform_instance_type: str = knob("ml.m5.large", "batch transform instance type")
+    transform_instance_count: int = knob(1, "batch transform instances", min=1, max=100)
 
 
 @dataclass
@@ -339,7 +367,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     if path.is_file():
         try:
             raw = yaml.safe_load(path.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
             raise BincounterError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
         if not isinstance(raw, dict):
             raise BincounterError(f"{path}: expected a mapping of sections")

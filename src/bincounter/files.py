@@ -9,11 +9,36 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
 PART_SUFFIX = ".part"
+# An id (a bin, a file stem) that becomes part of a path must be one plain name: letters, digits, '_', '-'
+# and inner dots. ABID ids are digits; '523' and '00523' stay different ids.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+class UnsafeName(ValueError):
+    """A name from input that would not be one plain file name inside its folder."""
+
+
+def safe_name(value: object) -> str:
+    """`value` as a plain name (an ABID id), or UnsafeName saying why not."""
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or ".." in value:
+        shown = repr(value)[:60]
+        raise UnsafeName(f"unsafe id {shown}: an id is one name of letters, digits, '_', '-' or '.', not a path")
+    return value
+
+
+def inside(folder: str | os.PathLike, name: str) -> Path:
+    """folder/name, checked to stay inside folder (symbolic links included)."""
+    root = Path(folder).resolve()
+    path = (root / name).resolve()
+    if path.parent != root:
+        raise UnsafeName(f"{name!r} leaves {folder}")
+    return Path(folder) / name
 
 
 def temp_name(path: Path) -> Path:

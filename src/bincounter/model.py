@@ -43,8 +43,49 @@ def eval_transform(image_size: int):
     return v2.Resize((image_size, image_size), antialias=True)
 
 
+def count_logits(model: nn.Module, batch: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """fp32 logits of a uint8 batch (N, 3, H, W) at the model's input size; with tta, the mean of the
+    photo's and its mirror image's logits (a flip never changes how many items a bin holds)."""
+    logits = model(batch).float()
+    if tta:
+        logits = (logits + model(torch.flip(batch, dims=[3])).float()) / 2
+    return logits
+
+
+def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Count probabilities, calibrated by the temperature fitted on the validation split."""
+    return torch.softmax(logits / temperature, dim=1)
+
+
+def decode_counts(probs, how: str = "argmax"):
+    """(N, K) probabilities -> N counts: the most likely count, or the expected count rounded."""
+    import numpy as np
+
+    probs = np.asarray(probs)
+    if how == "expected":
+        expected = probs @ np.arange(probs.shape[1])
+        return np.clip(np.rint(expected), 0, probs.shape[1] - 1).astype(np.int64)
+    return probs.argmax(axis=1).astype(np.int64)
+
+
+def _drop_aux_heads(model: nn.Module) -> nn.Module:
+    """googlenet and inception_v3 return (logits, aux logits) in training mode; bincounter trains the main
+    head only, so their auxiliary classifiers are removed and every arch returns one logits tensor."""
+    if getattr(model, "aux_logits", False):
+        model.aux_logits = False
+        for name in ("aux1", "aux2", "AuxLogits"):
+            if hasattr(model, name):
+                setattr(model, name, None)
+    return model
+
+
 def _replace_head(model: nn.Module, num_classes: int) -> nn.Module:
-    """Swap the last Linear layer (resnet .fc, efficientnet/mobilenet/convnext .classifier[-1]) for ours."""
+    """Swap the last Linear layer (resnet .fc, efficientnet/mobilenet/convnext .classifier[-1], vit
+    .heads.head) for ours; squeezenet classifies with a final 1x1 convolution, swapped the same way."""
+    if type(model).__name__ == "SqueezeNet":
+        final = model.classifier[1]
+        model.classifier[1] = nn.Conv2d(final.in_channels, num_classes, kernel_size=1)
+        return model
     last_name, last = None, None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -71,7 +112,7 @@ def build_model(arch: str, num_classes: int, pretrained: bool = False, weights_p
         backbone = _download_pretrained(arch)
     else:
         backbone = torchvision.models.get_model(arch, weights=None)
-    return BinCounterNet(_replace_head(backbone, num_classes))
+    return BinCounterNet(_replace_head(_drop_aux_heads(backbone), num_classes))
 
 
 def _load_backbone_weights(backbone: nn.Module, weights_path: str) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hashlib
 import json
+import math
 
 import mlflow
 import yaml
@@ -36,14 +37,18 @@ def setup(config: Config) -> None:
 
 @contextlib.contextmanager
 def maybe_run(config: Config, enabled: bool = True, nested: bool = False, run_name: str | None = None,
-              parent_run_id: str | None = None):
+              parent_run_id: str | None = None, resume_run_id: str | None = None):
     """An MLflow run around the block (None when tracking is off); FAILED on error, KILLED on Ctrl-C or
-    when an HPO trial is pruned. parent_run_id makes a nested run from any thread (HPO with n_jobs > 1)."""
+    when an HPO trial is pruned. parent_run_id makes a nested run from any thread (HPO with n_jobs > 1);
+    resume_run_id continues a run an interrupted process left (when it is in this store)."""
     if not enabled:
         yield None
         return
     setup(config)
-    if parent_run_id:
+    run = _resume(resume_run_id) if resume_run_id else None
+    if run is not None:
+        print(f"mlflow: continuing run {resume_run_id}")
+    elif parent_run_id:
         run = mlflow.start_run(run_name=run_name, nested=True, parent_run_id=parent_run_id,
                                experiment_id=mlflow.get_run(parent_run_id).info.experiment_id,
                                log_system_metrics=True)
@@ -52,6 +57,8 @@ def maybe_run(config: Config, enabled: bool = True, nested: bool = False, run_na
     try:
         log_params(config)
         mlflow.set_tags(lineage_tags(config))
+        if run_name is None and not resume_run_id:  # the runs table reads like an ablation table
+            mlflow.set_tag("mlflow.runName", recipe_name(config))
         yield run
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
@@ -69,6 +76,23 @@ def maybe_run(config: Config, enabled: bool = True, nested: bool = False, run_na
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def recipe_name(config: Config) -> str:
+    """A run's name from its recipe: arch, input size, loss, decode (and tta, pretrained when on)."""
+    train = config.train
+    parts = [train.arch, f"{train.image_size}px", train.loss, train.decode]
+    parts += ["tta"] * train.tta + ["pretrained"] * train.pretrained
+    return "-".join(parts)
+
+
+def _resume(run_id: str):
+    try:
+        if MlflowClient().get_run(run_id).info.lifecycle_stage != "active":
+            return None
+        return mlflow.start_run(run_id=run_id, log_system_metrics=True)
+    except MlflowException:
+        return None  # another store, or deleted: a new run it is
 
 
 def log_params(config: Config) -> None:
@@ -117,8 +141,13 @@ def dvc_hashes(config: Config, lock_path: str = "dvc.lock") -> dict[str, str]:
     return tags
 
 
-def promote(config: Config, model_info, test_metrics: dict) -> tuple[str | None, bool]:
-    """Tag the new version with its test metric; move the champion alias to it when it beats the holder."""
+MIN_BINS_PER_COUNT = 5  # test bins per count below which "below chance" cannot be told from bad luck
+
+
+def promote(config: Config, model_info, test_metrics: dict, *, test_bins: int | None = None,
+            refusal: str = "") -> tuple[str | None, bool]:
+    """Tag the new version with its test metric; move the champion alias to it when it beats the holder,
+    unless `refusal` (or champion_refusal) says it may never be champion."""
     name, alias, metric = config.mlflow.model_name, config.mlflow.champion_alias, config.mlflow.champion_metric
     version = model_info.registered_model_version
     if version is None:
@@ -127,6 +156,11 @@ def promote(config: Config, model_info, test_metrics: dict) -> tuple[str | None,
     client = MlflowClient()
     value = float(test_metrics[metric])
     client.set_model_version_tag(name, version, f"test_{metric}", f"{value:.6f}")
+    refusal = refusal or champion_refusal(metric, test_metrics, test_bins)
+    if refusal:
+        client.set_model_version_tag(name, version, "champion_refused", refusal)
+        print(f"registry: {name} v{version} registered, never @{alias}: {refusal}")
+        return version, False
     try:
         holder = client.get_model_version_by_alias(name, alias)
         best = float(holder.tags.get(f"test_{metric}", "-inf"))
@@ -141,3 +175,20 @@ def promote(config: Config, model_info, test_metrics: dict) -> tuple[str | None,
     print(f"registry: {name} v{version} registered; @{alias} stays on v{holder.version} "
           f"(test {metric} {value:.4f} <= {best:.4f})")
     return version, False
+
+
+def champion_refusal(metric: str, test_metrics: dict, test_bins: int | None = None) -> str:
+    """Why a model may not become champion whatever the holder scores ("" when it may): a test score that
+    is not a number, or a macro accuracy below what guessing a constant count scores (1 / counts present),
+    judged when the test split holds at least MIN_BINS_PER_COUNT bins per count (fewer cannot tell)."""
+    value = float(test_metrics.get(metric, float("nan")))
+    if not math.isfinite(value):
+        return f"test {metric} is {value}"
+    present = sum(1 for key in test_metrics if key.startswith("class_") and key.endswith("_accuracy"))
+    if metric != "macro_accuracy" or present < 2 or value >= 1.0 / present - 1e-9:
+        return ""
+    if test_bins is not None and test_bins < MIN_BINS_PER_COUNT * present:
+        print(f"registry: note: test macro_accuracy {value:.4f} is below chance (1/{present}), but {test_bins} test "
+              f"bins are too few to tell a model from chance (fewer than {MIN_BINS_PER_COUNT} per count)")
+        return ""
+    return f"test macro_accuracy {value:.4f} is below chance (1/{present} = {1.0 / present:.4f})"

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from bincounter.config import Config, hyperparameter_keys, with_overrides
-from bincounter.data.prepare import IMAGES_FILE
+from bincounter.data.prepare import IMAGES_FILE, verify_prepared
 from bincounter.errors import BincounterError
 
 CHECKPOINT_DIR = "/opt/ml/checkpoints"  # SageMaker syncs it with CheckpointConfig.S3Uri; SM_CHECKPOINT_DIR overrides
@@ -57,20 +57,120 @@ def apply(config: Config) -> tuple[Config, dict[str, Path], Path, Path]:
     for name, path in data_dirs.items():
         if not (path / IMAGES_FILE).exists():
             raise BincounterError(f"channel {name} ({path}) has no {IMAGES_FILE}: check the job's input channels")
+    verify_prepared(data_dirs)  # the channels come from one prepare run
     model_dir = Path(os.environ["SM_MODEL_DIR"])
-    output_dir = Path(os.environ.get("SM_OUTPUT_DATA_DIR", model_dir / "output"))
-    return config, data_dirs, model_dir, output_dir
+    data_output = Path(os.environ.get("SM_OUTPUT_DATA_DIR", model_dir / "output"))
+    return config, data_dirs, model_dir, data_output
 
+
+
+def output_dir() -> Path:
+    """/opt/ml/output (SM_OUTPUT_DIR): SageMaker reads `failure` there as the job's FailureReason."""
+    return Path(os.environ.get("SM_OUTPUT_DIR", "/opt/ml/output"))
+
+
+def write_failure(message: str) -> None:
+    """bincounter's one-line error as the job's FailureReason (the first writer wins: the SDK's driver only
+    writes its traceback when no failure file exists). Best-effort: outside a job the folder may not exist."""
+    path = output_dir() / "failure"
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(message.strip().splitlines()[0][:1000] + "\n" if message.strip() else "failed\n")
+    except OSError:
+        pass
+
+
+def quiet_progress_bars() -> None:
+    """No tqdm bars in CloudWatch (each redraw is a log line): every bar in this process is disabled."""
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        import tqdm.std
+    except ImportError:
+        return
+    cls = tqdm.std.tqdm
+    if getattr(cls.__init__, "_bincounter_quiet", False):
+        return
+    original = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    __init__._bincounter_quiet = True
+    cls.__init__ = __init__
+
+
+def tracking_error(exc: BaseException) -> bool:
+    """An error of the MLflow client or the network under it (not of training itself)."""
+    from mlflow.exceptions import MlflowException
+
+    root = type(exc).__module__.split(".")[0]
+    return isinstance(exc, (MlflowException, ConnectionError, TimeoutError)) or root in (
+        "mlflow", "requests", "urllib3", "http", "sagemaker_mlflow")
+
+
+def _tracking_reachable() -> str:
+    """"" when the forwarded tracking server answers, else why not."""
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient().search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - any failure means: train without it
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+    return ""
+
+
+def _drop_tracking() -> None:
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_CONTEXT", "MLFLOW_RUN_ID"):
+        os.environ.pop(name, None)
 
 
 def train(config: Config):
     """`bincounter train` inside a job: the channels, model and output folders from SM_*, always resuming
     from the checkpoint folder (a spot interruption restarts the job), MLflow only when a tracking URI was
-    forwarded to the job. The profile lands in SM_OUTPUT_DATA_DIR/profile (output.tar.gz). -> TrainOutcome"""
-    from bincounter.training.run import run_training  # torch and mlflow load only when a job trains
+    forwarded to the job, and then best-effort: a server that does not answer, or fails during training,
+    never fails the job (the model comes back in model.tar.gz and the launching side logs it). The profile
+    lands in SM_OUTPUT_DATA_DIR/profile (output.tar.gz). An error becomes the job's one-line FailureReason.
+    -> TrainOutcome"""
+    quiet_progress_bars()
+    try:
+        return _train(config)
+    except BincounterError as exc:
+        write_failure(f"error: {exc}")
+        raise
+    except Exception as exc:
+        write_failure(f"{type(exc).__name__}: {exc}")
+        raise
 
-    config, data_dirs, model_dir, output_dir = apply(config)
+
+def _train(config: Config):
+    from bincounter.training.run import METRICS_FILE, run_training  # torch and mlflow load only in a job
+
+    config, data_dirs, model_dir, out_dir = apply(config)
     track = bool(os.environ.get("MLFLOW_TRACKING_URI"))
-    outcome = run_training(config, data_dirs, resume=True, model_dir=model_dir, output_dir=output_dir,
-                           track=track, register=register_model())
-    return outcome
+    if track:
+        problem = _tracking_reachable()
+        if problem:
+            print(f"warning: MLflow tracking server {os.environ['MLFLOW_TRACKING_URI']} is not usable ({problem}); "
+                  "training without it (the model still comes back in model.tar.gz)", flush=True)
+            _drop_tracking()
+            track = False
+    try:
+        return run_training(config, data_dirs, resume=True, model_dir=model_dir, output_dir=out_dir,
+                            track=track, register=register_model())
+    except Exception as exc:
+        if not (track and tracking_error(exc)):
+            raise
+        print(f"warning: MLflow tracking failed during the job ({type(exc).__name__}: "
+              f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); going on without it",
+              flush=True)
+        _drop_tracking()
+        if (model_dir / METRICS_FILE).exists():  # the model was written before logging failed
+            from bincounter.training.run import TrainOutcome
+
+            metrics = json.loads((model_dir / METRICS_FILE).read_text())
+            return TrainOutcome(None, metrics.get("test", {}), metrics.get("val", {}), model_dir=model_dir)
+        # resumes from the last checkpoint: the epochs already done are not repeated
+        return run_training(config, data_dirs, resume=True, model_dir=model_dir, output_dir=out_dir,
+                            track=False, register=False)

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bincounter import tracking
-from bincounter.aws import container
+from bincounter.aws import container, redact
 from bincounter.aws.follow import record_job, stop_job, wait_for_job
 from bincounter.aws.package import ENTRY_SCRIPT, REQUIREMENTS, package_source
-from bincounter.aws.session import check_config, make_session, service_client
+from bincounter.aws.session import check_config, make_session, role_validation, service_client
 from bincounter.config import Config, hyperparameter_keys
 from bincounter.data.sync import CHANNELS, channel_uris as read_sync_record
 from bincounter.errors import BincounterError, first_line
@@ -64,7 +66,7 @@ def hyperparameters(config: Config) -> dict[str, str]:
     for name, key in hyperparameter_keys().items():
         section, _, attr = key.partition(".")
         value = getattr(getattr(config, section), attr)
-        out[name] = json.dumps(value) if isinstance(value, bool) else str(value)
+        out[name] = redact.redact(json.dumps(value) if isinstance(value, bool) else str(value))
     return out
 
 
@@ -78,25 +80,33 @@ def metric_definitions() -> list[dict[str, str]]:
     return defs
 
 
-def uses_torchrun(config: Config, region: str) -> bool:
-    """Several instances, or several GPUs on one: torchrun (DDP) launches one process per GPU."""
-    if config.sagemaker.instance_count > 1:
-        return True
-    try:
-        from sagemaker.core import instance_types_gpu_info
+GPU_INSTANCE = re.compile(r"^ml\.(p|g)\d")  # every NVIDIA family: g4dn g5 g6 g6e gr6 p3 p4d p5 p5e p5en p6-b200...
 
-        gpus = instance_types_gpu_info.retrieve(region).get(config.sagemaker.instance_type, {}).get("Count", 1)
-    except Exception:  # noqa: BLE001 - the table is a convenience
-        gpus = 1
-    return gpus > 1
+
+def uses_torchrun(config: Config, region: str | None = None) -> bool:
+    """Several instances, or any GPU instance: torchrun (DDP) starts one process per GPU, counting the GPUs
+    at run time (SM_NUM_GPUS), so a type missing from any table still uses all of its GPUs."""
+    sm = config.sagemaker
+    return sm.instance_count > 1 or bool(GPU_INSTANCE.match(sm.instance_type))
 
 
 def remote_tracking_uri() -> str | None:
-    """The tracking URI the job can reach too (an HTTP server, Databricks, SageMaker managed MLflow), if any."""
+    """The tracking URI the job can reach and use without credentials of ours (an HTTP server, SageMaker
+    managed MLflow through the job's role), if any. Credentials are never put into a job's environment."""
     import mlflow
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
-    if uri and uri.startswith(("http://", "https://", "databricks", "arn:aws:sagemaker")):
+    if not uri:
+        return None
+    if uri.startswith("databricks"):
+        print("sagemaker: MLFLOW_TRACKING_URI is Databricks, which needs a token the job must not carry; the job "
+              "trains without tracking (its results still come back into this run)")
+        return None
+    if uri.startswith(("http://", "https://")) and redact.has_userinfo(uri):
+        print("sagemaker: MLFLOW_TRACKING_URI carries credentials; it is not forwarded to the job (they would "
+              "show in the job description); the results still come back into this run")
+        return None
+    if uri.startswith(("http://", "https://", "arn:aws:sagemaker")):
         if uri.startswith(("http://127.", "http://localhost", "https://localhost")):
             print(f"sagemaker: MLFLOW_TRACKING_URI={uri} is local to this machine; the job will not log epochs "
                   "there (its results still come back into this run)")
@@ -107,16 +117,24 @@ def remote_tracking_uri() -> str | None:
 
 def job_environment(parent_run=None) -> dict[str, str]:
     """Environment of the job: with a reachable tracking server the container logs its epochs into a child
-    run of `parent_run`; the parent registers the model, so the container never does."""
-    env = {"PYTHONUNBUFFERED": "1", container.REGISTER_ENV: "false"}
+    run of `parent_run` (best-effort: container.train goes on without it); the parent registers the model,
+    so the container never does. No progress bars in CloudWatch."""
+    env = {"PYTHONUNBUFFERED": "1", container.REGISTER_ENV: "false", "TQDM_DISABLE": "1"}
     uri = remote_tracking_uri()
     if uri and parent_run is not None:
         env.update({
             "MLFLOW_TRACKING_URI": uri,
             "MLFLOW_EXPERIMENT_ID": parent_run.info.experiment_id,
             "MLFLOW_RUN_CONTEXT": json.dumps({"mlflow.parentRunId": parent_run.info.run_id}),
+            # an unreachable server costs seconds, not MLflow's default minutes of retries
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
         })
     return env
+
+
+def _training_job_defaults(session) -> dict[str, Any]:
+    """SageMaker.TrainingJob from the user's SDK config (the fields ModelTrainer only reads when we pass none)."""
+    return dict(((getattr(session, "sagemaker_config", None) or {}).get("SageMaker") or {}).get("TrainingJob") or {})
 
 
 @dataclass
@@ -144,10 +162,12 @@ def make_trainer(config: Config, session, region: str, *, environment: dict[str,
         CheckpointConfig,
         Compute,
         MetricDefinition,
+        Networking,
         OutputDataConfig,
         SourceCode,
         StoppingCondition,
     )
+    from sagemaker.core.shapes import Tag
     from sagemaker.train import ModelTrainer
     from sagemaker.train.distributed import Torchrun
 
@@ -155,27 +175,51 @@ def make_trainer(config: Config, session, region: str, *, environment: dict[str,
     if distributed is None:
         distributed = uses_torchrun(config, region)
     image = training_image(config, region)
+    # the user's SDK config (SageMaker.TrainingJob: VPC, KMS keys, tags, environment): SDK 3.27 looks VPC subnets
+    # and tags up without the session (so never finds them) and skips the fields we fill in: apply it here
+    defaults = _training_job_defaults(session)
+    output_kms = (defaults.get("OutputDataConfig") or {}).get("KmsKeyId")
+    volume_kms = (defaults.get("ResourceConfig") or {}).get("VolumeKmsKeyId")
+    environment = {**(defaults.get("Environment") or {}), **(environment or {})}
+    vpc = defaults.get("VpcConfig") or {}
+    networking = None
+    if vpc or defaults.get("EnableNetworkIsolation") is not None or \
+            defaults.get("EnableInterContainerTrafficEncryption") is not None:
+        networking = Networking(subnets=vpc.get("Subnets"), security_group_ids=vpc.get("SecurityGroupIds"),
+                                enable_network_isolation=defaults.get("EnableNetworkIsolation"),
+                                enable_inter_container_traffic_encryption=defaults.get(
+                                    "EnableInterContainerTrafficEncryption"))
+    tags = [Tag(key=t["Key"], value=t["Value"]) for t in defaults.get("Tags") or []] or None
     try:
-        trainer = ModelTrainer(
-            sagemaker_session=session,
-            role=sm.role_arn,
-            base_job_name=sm.job_prefix,
-            training_image=image,
-            source_code=SourceCode(source_dir=str(source_dir), entry_script=ENTRY_SCRIPT,
-                                   requirements=REQUIREMENTS),
-            distributed=Torchrun() if distributed else None,
-            compute=Compute(instance_type=sm.instance_type, instance_count=sm.instance_count,
-                            enable_managed_spot_training=sm.use_spot),
-            stopping_condition=StoppingCondition(max_runtime_in_seconds=sm.max_run,
-                                                 max_wait_time_in_seconds=sm.max_wait if sm.use_spot else None),
-            output_data_config=OutputDataConfig(s3_output_path=f"s3://{sm.bucket}/{sm.job_prefix}/output"),
-            # s3_uri None: the SDK picks s3://<bucket>/<prefix>/<job name>/checkpoints, one folder per job
-            checkpoint_config=(CheckpointConfig(local_path=CHECKPOINT_LOCAL_PATH)
-                               if checkpoints and sm.use_spot else None),
-            hyperparameters=hyperparameters(config),
-            environment=dict(environment or {}),
-        )
+        with role_validation(config):
+            trainer = ModelTrainer(
+                sagemaker_session=session,
+                role=sm.role_arn,
+                base_job_name=sm.job_prefix,
+                training_image=image,
+                source_code=SourceCode(source_dir=str(source_dir), entry_script=ENTRY_SCRIPT,
+                                       requirements=REQUIREMENTS),
+                distributed=Torchrun() if distributed else None,
+                compute=Compute(instance_type=sm.instance_type, instance_count=sm.instance_count,
+                                enable_managed_spot_training=sm.use_spot, volume_kms_key_id=volume_kms),
+                stopping_condition=StoppingCondition(max_runtime_in_seconds=sm.max_run,
+                                                     max_wait_time_in_seconds=sm.max_wait if sm.use_spot else None),
+                output_data_config=OutputDataConfig(s3_output_path=f"s3://{sm.bucket}/{sm.job_prefix}/output",
+                                                    kms_key_id=output_kms),
+                # s3_uri None: the SDK picks s3://<bucket>/<prefix>/<job name>/checkpoints, one folder per job
+                checkpoint_config=(CheckpointConfig(local_path=CHECKPOINT_LOCAL_PATH)
+                                   if checkpoints and sm.use_spot else None),
+                hyperparameters=hyperparameters(config),
+                environment=environment,
+                networking=networking,
+                tags=tags,
+            )
     except Exception as exc:  # noqa: BLE001 - role validation, pydantic and botocore errors from the SDK
+        if any("iam_role_resolver" in frame.filename for frame in traceback.extract_tb(exc.__traceback__)):
+            raise BincounterError(
+                f"the SageMaker SDK's check of role {sm.role_arn} failed ({type(exc).__name__}: {first_line(exc)}); "
+                "it simulates the role's policies with iam:SimulatePrincipalPolicy from your credentials: grant "
+                "that, or set sagemaker.validate_role=false (see docs/sagemaker.md for the role's policy)") from None
         raise BincounterError(f"the SageMaker SDK rejected the job settings ({type(exc).__name__}): "
                               f"{first_line(exc)}") from None
     trainer.with_metric_definitions([MetricDefinition(name=d["Name"], regex=d["Regex"]) for d in metric_definitions()])

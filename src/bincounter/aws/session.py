@@ -6,10 +6,12 @@ a local moto_server.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 
 from bincounter.config import Config
-from bincounter.errors import BincounterError
+from bincounter.errors import BincounterError, first_line
 
 # The SDK's defaults config: no telemetry calls to an outside host (they also fail offline and on emulators).
 SDK_DEFAULTS = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
@@ -54,17 +56,57 @@ def emulated() -> bool:
                                                  "AWS_ENDPOINT_URL_IAM"))
 
 
+def sdk_config(s3_resource=None) -> dict:
+    """The user's SageMaker SDK config (admin + user files: VPC, KMS keys, tags, environment...), as the SDK
+    itself loads it, with bincounter's telemetry opt-out merged in rather than replacing it."""
+    from sagemaker.core.config.config import load_sagemaker_config
+
+    try:
+        user = load_sagemaker_config(s3_resource=s3_resource) or {}
+    except Exception as exc:  # noqa: BLE001 - a bad path in SAGEMAKER_USER_CONFIG_OVERRIDE, invalid schema...
+        raise BincounterError(f"the SageMaker SDK config could not be read: {first_line(exc)}") from None
+    return merge(user, SDK_DEFAULTS)
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """A deep copy of base with extra's keys set (nested mappings merged, everything else replaced)."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else copy.deepcopy(value)
+    return out
+
+
 def make_session(region: str, bucket: str):
-    """A SageMaker SDK session with an explicit bucket (no STS lookup) and telemetry off."""
+    """A SageMaker SDK session with an explicit bucket (no STS lookup), the user's SDK config and telemetry off."""
     import boto3
     from sagemaker.core.helper.session_helper import Session
 
-    if emulated():
-        # SDK v3 validates the role with iam:SimulatePrincipalPolicy, which emulators do not implement;
-        # against AWS the check stays on (it explains missing permissions, and only warns when it cannot tell)
-        os.environ.setdefault("SAGEMAKER_VALIDATE_ROLE", "false")
-    return Session(boto_session=boto3.Session(region_name=region), default_bucket=bucket,
-                   sagemaker_config=SDK_DEFAULTS)
+    boto_session = boto3.Session(region_name=region)
+    config = sdk_config(boto_session.resource("s3"))
+    return Session(boto_session=boto_session, default_bucket=bucket, sagemaker_config=config)
+
+
+def validate_role(config: Config) -> bool:
+    """sagemaker.validate_role: auto = on against AWS, off against an emulator (moto has no
+    iam:SimulatePrincipalPolicy)."""
+    setting = config.sagemaker.validate_role
+    return not emulated() if setting == "auto" else setting == "true"
+
+
+@contextlib.contextmanager
+def role_validation(config: Config):
+    """SDK v3 validates the role when a ModelTrainer is made (iam:SimulatePrincipalPolicy from the caller's
+    credentials) and reads only $SAGEMAKER_VALIDATE_ROLE: set it from the knob around that, then restore it."""
+    saved = os.environ.get("SAGEMAKER_VALIDATE_ROLE")
+    os.environ["SAGEMAKER_VALIDATE_ROLE"] = "true" if validate_role(config) else "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("SAGEMAKER_VALIDATE_ROLE", None)
+        else:
+            os.environ["SAGEMAKER_VALIDATE_ROLE"] = saved
 
 
 def service_client(session, service: str, retries: int = 3):

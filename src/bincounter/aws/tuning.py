@@ -14,6 +14,7 @@ from bincounter import tracking
 from bincounter.aws.follow import POLL_SECONDS, _metric_name, record_job
 from bincounter.aws.jobs import channel_uris, job_environment, make_trainer, metric_definitions, uses_torchrun
 from bincounter.aws.package import package_source
+from bincounter.aws.redact import redact
 from bincounter.aws.session import check_config, make_session, service_client, resolve_region
 from bincounter.config import Config, hyperparameter_keys, search_space
 from bincounter.errors import BincounterError, first_line
@@ -43,6 +44,15 @@ def parameter_ranges(space: dict[str, dict], pinned: set[str] | None = None) -> 
     if not ranges:
         raise BincounterError("hpo.space in params.yaml is empty (or every dimension is pinned): nothing to tune")
     return ranges
+
+
+def check_tuning(config: Config) -> None:
+    """What a tuning job cannot do: its trials start the entry script once per instance, without torchrun, so
+    several instances would train the same trial independently and race to write one model."""
+    if config.sagemaker.instance_count > 1:
+        raise BincounterError(f"sagemaker.instance_count={config.sagemaker.instance_count}: SageMaker tuning runs "
+                              "each trial on one instance (no torchrun); set --set sagemaker.instance_count=1 "
+                              "(train the winner on several instances afterwards)")
 
 
 def objective(config: Config) -> tuple[str, str]:
@@ -78,14 +88,15 @@ def build_tuning_request(config: Config, space: dict[str, dict] | None = None, *
     from sagemaker.train.tuner import HyperparameterTuner
 
     region = check_config(config)
+    check_tuning(config)
     channels = channel_uris(config)
     ranges = parameter_ranges(config.hpo.space if space is None else space, pinned)
     session = session or make_session(region, config.sagemaker.bucket)
     scratch = tempfile.TemporaryDirectory(prefix="bincounter-sm-")
     source_dir = package_source(config, Path(scratch.name) / "source")
     if uses_torchrun(config, region):
-        print("sagemaker: tuning jobs start the entry script directly (no torchrun); each trial uses one "
-              "process per instance — set sagemaker.instance_count=1 and a single-GPU instance for HPO")
+        print(f"sagemaker: tuning trials start the entry script directly (no torchrun): one process, so one GPU "
+              f"of each {config.sagemaker.instance_type}; a single-GPU type costs less for HPO")
     # no checkpoint config: trials sharing one checkpoint folder would resume from each other
     trainer = make_trainer(config, session, region, environment=job_environment(None), source_dir=source_dir,
                            checkpoints=False, distributed=False)
@@ -129,6 +140,7 @@ def launch_tuning(config: Config, pinned: set[str] | None = None) -> dict:
     import mlflow
 
     check_config(config)
+    check_tuning(config)
     channel_uris(config)
     plan = build_tuning_request(config, pinned=pinned)
     client = service_client(plan.session, "sagemaker")
@@ -279,7 +291,7 @@ def mirror_tuning_job(config: Config, tuning_job_name: str, parent_run_id: str, 
             tags["hpo.best"] = "true"
         child = tracking_client.create_run(parent.info.experiment_id, run_name=job, tags=tags)
         tracking_client.log_batch(child.info.run_id, metrics=metrics,
-                                  params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+                                  params=[Param(k, redact(str(v))[:6000]) for k, v in params.items()],
                                   tags=[RunTag(k, v) for k, v in tags.items()])
         tracking_client.set_terminated(child.info.run_id, _STATUS_TO_MLFLOW.get(status, "FAILED"))
         children += 1
@@ -290,7 +302,7 @@ def mirror_tuning_job(config: Config, tuning_job_name: str, parent_run_id: str, 
         existing = parent.data.params
         for k, v in best_params.items():
             if f"best_{k}" not in existing:
-                tracking_client.log_param(parent_run_id, f"best_{k}", str(v))
+                tracking_client.log_param(parent_run_id, f"best_{k}", redact(str(v)))
         if best_value is not None:
             tracking_client.log_metric(parent_run_id, f"best_{config.hpo.objective}", float(best_value))
         print(f"hpo: best SageMaker job {best['TrainingJobName']} {config.hpo.objective}={best_value} "

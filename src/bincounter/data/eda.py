@@ -37,11 +37,18 @@ def write_report(config: Config, splits: dict[str, list[str]], labels: dict[str,
         "rejected": len(rejects),
         "per_split": {name: len(ids) for name, ids in splits.items()},
         "per_count": {str(c): sum(counts[s][c] for s in splits) for c in classes},
+        "strategy": config.split.strategy,
+        **({"group_size": config.split.group_size} if config.split.strategy == "grouped" else {}),
+        # the class balance of each split: the share of its bins holding each count
+        "per_split_share": {name: {str(c): round(counts[name][c] / max(len(ids), 1), 4) for c in classes}
+                            for name, ids in splits.items()},
         "median_width": _median(widths),
         "median_height": _median(heights),
     }
     (eda_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _plot_class_balance(eda_dir / "class_balance.png", counts, classes)
+    strategy = config.split.strategy + (f", blocks of {config.split.group_size} ids"
+                                        if config.split.strategy == "grouped" else "")
+    _plot_class_balance(eda_dir / "class_balance.png", counts, classes, strategy)
     _plot_sizes(eda_dir / "image_sizes.png", widths, heights)
     _plot_samples(eda_dir / "samples.png", labels, raw_images, classes, seed=config.split.seed)
 
@@ -59,12 +66,16 @@ def _median(values: list[int]) -> float:
     return float(values[mid]) if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
-def _plot_class_balance(path: Path, counts: dict[str, Counter], classes: list[int]) -> None:
+def _plot_class_balance(path: Path, counts: dict[str, Counter], classes: list[int], strategy: str) -> None:
+    """The share of each split's bins per count, side by side: a balanced split has bars of equal height."""
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(counts)
     for k, (name, counter) in enumerate(counts.items()):
-        ax.bar([c + (k - 1) * width for c in classes], [counter[c] for c in classes], width, label=name)
-    ax.set(xlabel="objects in bin (EXPECTED_QUANTITY)", ylabel="images", title="Class balance per split")
+        total = max(sum(counter.values()), 1)
+        ax.bar([c + (k - 1) * width for c in classes], [counter[c] / total for c in classes], width,
+               label=f"{name} ({total})")
+    ax.set(xlabel="objects in bin (EXPECTED_QUANTITY)", ylabel="share of the split's bins",
+           title=f"Class balance per split ({strategy})")
     ax.set_xticks(classes)
     ax.legend()
     fig.tight_layout()

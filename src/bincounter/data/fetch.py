@@ -21,7 +21,7 @@ from tqdm import tqdm
 from bincounter import files
 from bincounter.config import DataConfig
 from bincounter.errors import BincounterError
-from bincounter.images import BadImage, count_from_metadata, verify_jpeg
+from bincounter.images import BadImage, count_from_metadata, parse_metadata, verify_jpeg
 from bincounter.storage import is_s3, local_root, parse_s3_uri, s3_client
 
 IMAGES = "bin-images"
@@ -29,6 +29,7 @@ METADATA = "metadata"
 INDEX = "index.csv"
 MANIFEST = "manifest.json"
 MAX_WARNINGS = 20
+UNREACHABLE_AFTER = 20  # connection failures in a row that mean "the source is unreachable", not "a bad bin"
 
 
 class Missing(Exception):
@@ -37,6 +38,14 @@ class Missing(Exception):
 
 class Unreachable(Exception):
     """The source could not be read right now (network, endpoint down): worth a rerun."""
+
+
+class SourceUnreachable(Exception):
+    """Many reads in a row failed to connect: the source is down or unreachable from here."""
+
+    def __init__(self, results: dict[str, tuple[str, str]], reason: str):
+        super().__init__(reason)
+        self.results, self.reason = results, reason
 
 
 # ---------------------------------------------------------------- sources
@@ -51,12 +60,18 @@ class Source:
     def list_ids(self) -> list[str]:
         raise NotImplementedError
 
+    def where(self) -> str:
+        raise NotImplementedError
+
 
 class S3Source(Source):
     def __init__(self, uri: str, workers: int):
         self.bucket, prefix = parse_s3_uri(uri)
         self.prefix = prefix.rstrip("/") + "/" if prefix else ""
         self.client = s3_client(unsigned=True, max_pool_connections=max(10, workers))
+
+    def where(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix} at {self.client.meta.endpoint_url}"
 
     def get(self, key: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -92,6 +107,9 @@ class LocalSource(Source):
     def __init__(self, root: str):
         self.root = local_root(root)
 
+    def where(self) -> str:
+        return str(self.root)
+
     def get(self, key: str) -> bytes:
         try:
             return (self.root / key).read_bytes()
@@ -114,26 +132,43 @@ def read_manifest(path: str | os.PathLike) -> list[str]:
 
     Accepted: the Udacity ``file_list.json`` format ({"1": ["data/metadata/<id>.json", ...], ...}),
     a JSON list of ids or paths, or a text/CSV file with one id per line (an ``image_id`` header is skipped).
+    Ids are checked one by one later (an unsafe one becomes a rejected row); the file's shape is checked here.
     """
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise BincounterError(f"manifest {path} not found (set data.subset to a manifest path or 'balanced')")
-    text = path.read_text()
-    if path.suffix == ".json":
-        try:
-            manifest = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise BincounterError(f"manifest {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
-        entries = [e for values in manifest.values() for e in values] if isinstance(manifest, dict) else manifest
-        if not isinstance(entries, list) or not all(isinstance(e, (str, int)) for e in entries):
-            raise BincounterError(f"manifest {path} must map counts to lists of metadata paths, or list ids")
-    else:
-        entries = [line.split(",")[0].strip() for line in text.splitlines()]
-        entries = [e for e in entries if e and e != "image_id"]
-    ids = [Path(str(e)).stem if str(e).endswith((".json", ".jpg")) else str(e) for e in entries]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BincounterError(f"manifest {path} is not UTF-8 text") from None
+    entries = _json_entries(path, text) if path.suffix == ".json" else _text_entries(text)
+    ids = [Path(e).stem if e.endswith((".json", ".jpg")) else e for e in entries]
     if not ids:
         raise BincounterError(f"manifest {path} lists no images")
     return list(dict.fromkeys(ids))
+
+
+def _json_entries(path: Path, text: str) -> list[str]:
+    shape = f"manifest {path} must map counts to lists of metadata paths, or list ids"
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BincounterError(f"manifest {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except RecursionError:
+        raise BincounterError(f"manifest {path} is nested too deeply to be a manifest") from None
+    if isinstance(manifest, dict):
+        if not all(isinstance(values, list) for values in manifest.values()):
+            raise BincounterError(shape)
+        manifest = [e for values in manifest.values() for e in values]
+    if not isinstance(manifest, list) or not all(isinstance(e, (str, int)) and not isinstance(e, bool)
+                                                 for e in manifest):
+        raise BincounterError(shape)
+    return [str(e) for e in manifest]
+
+
+def _text_entries(text: str) -> list[str]:
+    entries = [line.split(",")[0].strip() for line in text.splitlines()]
+    return [e for e in entries if e and e != "image_id"]
 
 
 # ---------------------------------------------------------------- atomic, verified files
@@ -145,11 +180,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def check_metadata(data: bytes) -> int:
-    try:
-        meta = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError("malformed metadata JSON") from None
-    return count_from_metadata(meta)
+    return count_from_metadata(parse_metadata(data))
 
 
 def check_image(data: bytes) -> None:
@@ -202,16 +233,17 @@ class _Fetcher:
             self.bytes += len(data)
 
     def metadata(self, image_id: str) -> int:
-        path = self.raw_dir / METADATA / f"{image_id}.json"
+        path = files.inside(self.raw_dir / METADATA, f"{files.safe_name(image_id)}.json")
         self._download(f"{METADATA}/{image_id}.json", path, check_metadata)
         return check_metadata(path.read_bytes())
 
     def one(self, image_id: str, with_image: bool = True) -> tuple[str, str]:
         """Fetch one bin; returns (status, reason) with status ok | rejected | failed."""
         try:
-            self.metadata(image_id)
+            self.metadata(image_id)  # checks the id is a plain name before any path is made of it
             if with_image:
-                self._download(f"{IMAGES}/{image_id}.jpg", self.raw_dir / IMAGES / f"{image_id}.jpg", check_image)
+                image = files.inside(self.raw_dir / IMAGES, f"{image_id}.jpg")
+                self._download(f"{IMAGES}/{image_id}.jpg", image, check_image)
         except Missing as exc:
             return "rejected", str(exc)
         except Unreachable as exc:
@@ -223,18 +255,25 @@ class _Fetcher:
         return "ok", ""
 
     def many(self, ids: list[str], desc: str, with_image: bool = True) -> dict[str, tuple[str, str]]:
+        """Fetch ids concurrently; -> {id: (status, reason)} in the order of ids. Raises SourceUnreachable
+        (with the results so far) after UNREACHABLE_AFTER connection failures in a row."""
         results: dict[str, tuple[str, str]] = {}
-        warnings = 0
+        warnings = failures_in_a_row = 0
         start = time.perf_counter()
         with ThreadPoolExecutor(self.workers) as pool, tqdm(total=len(ids), desc=desc, unit="img", mininterval=0.5) as bar:
             futures = {pool.submit(self.one, i, with_image): i for i in ids}
             for future in as_completed(futures):
                 image_id = futures[future]
                 results[image_id] = status, reason = future.result()
+                failures_in_a_row = failures_in_a_row + 1 if status == "failed" else 0
+                if failures_in_a_row >= UNREACHABLE_AFTER:
+                    pool.shutdown(wait=True, cancel_futures=True)  # the ones in flight finish; no new ones start
+                    raise SourceUnreachable(results, reason)
                 if status != "ok":
                     warnings += 1
                     if warnings <= MAX_WARNINGS:
-                        bar.write(f"{status}: {image_id}: {reason}")
+                        shown = image_id if files.SAFE_NAME.fullmatch(image_id) else repr(image_id)[:60]
+                        bar.write(f"{status}: {shown}: {reason}")
                 bar.update()
                 elapsed = max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix_str(f"{self.files / elapsed:.0f} files/s {self.bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
@@ -301,7 +340,13 @@ def fetch(cfg: DataConfig) -> FetchReport:
     else:
         ids = read_manifest(cfg.subset)
     report = FetchReport()
-    report.statuses = fetcher.many(ids, desc=f"fetching {len(ids)} bins")
+    try:
+        report.statuses = fetcher.many(ids, desc=f"fetching {len(ids)} bins")
+    except SourceUnreachable as exc:
+        write_index(raw_dir, exc.results)  # what arrived is kept; a rerun resumes from it
+        raise BincounterError(
+            f"cannot reach the data source {source.where()} ({exc.reason}; {UNREACHABLE_AFTER} requests in a row "
+            "failed): check the network, a proxy (HTTPS_PROXY), or AWS_ENDPOINT_URL, then rerun to resume") from None
     report.downloaded_files, report.downloaded_bytes = fetcher.files, fetcher.bytes
     report.seconds = time.perf_counter() - start
     write_index(raw_dir, report.statuses)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import csv
 import os
 import random
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
 from bincounter.config import Config
+from bincounter import files
 from bincounter.files import write_csv
 from bincounter.errors import BincounterError
 from bincounter.data.fetch import IMAGES, INDEX, METADATA
@@ -25,8 +27,11 @@ def read_index(raw_dir: Path) -> list[tuple[str, str, str]]:
     path = raw_dir / INDEX
     if not path.exists():
         raise BincounterError(f"{path} not found: run the fetch stage first (dvc repro fetch)")
-    with open(path, newline="") as handle:
-        return [(r["image_id"], r["status"], r["reason"]) for r in csv.DictReader(handle)]
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return [(r["image_id"], r["status"], r["reason"] or "") for r in csv.DictReader(handle)]
+    except (KeyError, TypeError, UnicodeDecodeError, csv.Error):
+        raise BincounterError(f"{path} is not fetch's index (image_id,status,reason): rerun the fetch stage") from None
 
 
 def label(raw_dir: Path, max_count: int) -> tuple[dict[str, int], dict[str, str]]:
@@ -36,6 +41,11 @@ def label(raw_dir: Path, max_count: int) -> tuple[dict[str, int], dict[str, str]
     for image_id, status, reason in read_index(raw_dir):
         if status != "ok":
             rejects[image_id] = reason or status
+            continue
+        try:
+            files.safe_name(image_id)
+        except files.UnsafeName as exc:
+            rejects[image_id] = str(exc)
             continue
         if not (raw_dir / IMAGES / f"{image_id}.jpg").exists():
             rejects[image_id] = "image missing from data/raw (rerun fetch)"
@@ -70,6 +80,41 @@ def stratified_split(labels: dict[str, int], fractions: list[float], seed: int) 
     return out
 
 
+def group_of(image_id: str, group_size: int) -> str:
+    """The block of group_size neighbouring ids an id belongs to. Ids of another spelling width never share
+    a block ('523' and '00523' are different bins); an id that is not a number is a group of its own."""
+    return f"{len(image_id)}:{int(image_id) // group_size}" if image_id.isdigit() else f"id:{image_id}"
+
+
+def grouped_split(labels: dict[str, int], fractions: list[float], seed: int, group_size: int) -> dict[str, list[str]]:
+    """Stratified by count, and every block of neighbouring ids on one side (scikit-learn's
+    StratifiedGroupKFold: test is one fold of round(1/test fraction), val one fold of the rest)."""
+    ids = sorted(labels)
+    counts = [labels[i] for i in ids]
+    groups = [group_of(i, group_size) for i in ids]
+    test = _one_fold(list(range(len(ids))), counts, groups, fractions[2], seed, "test")
+    rest = [k for k in range(len(ids)) if k not in test]
+    val = _one_fold(rest, counts, groups, fractions[1] / (fractions[0] + fractions[1]), seed, "val")
+    return {"train": [ids[k] for k in rest if k not in val], "val": [ids[k] for k in sorted(val)],
+            "test": [ids[k] for k in sorted(test)]}
+
+
+def _one_fold(indices: list[int], counts: list[int], groups: list[str], fraction: float, seed: int,
+              name: str) -> set[int]:
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    folds = max(2, round(1 / fraction))
+    present = len({groups[k] for k in indices})
+    if present < folds:
+        raise BincounterError(f"split: {present} id blocks are too few to cut a {fraction:.0%} {name} split by "
+                              "groups; lower split.group_size or use split.strategy: random")
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # "the least populated class has only N members": expected for rare counts
+        warnings.simplefilter("ignore", UserWarning)
+        _, fold = next(splitter.split(indices, [counts[k] for k in indices], [groups[k] for k in indices]))
+    return {indices[k] for k in fold}
+
+
 def _cut_sizes(n: int, fractions: list[float]) -> list[int]:
     exact = [n * f for f in fractions]
     sizes = [int(x) for x in exact]
@@ -80,8 +125,21 @@ def _cut_sizes(n: int, fractions: list[float]) -> list[int]:
 
 
 def read_split(path: str | os.PathLike) -> list[tuple[str, int]]:
-    with open(path, newline="") as handle:
-        return [(row["image_id"], int(row["count"])) for row in csv.DictReader(handle)]
+    """(image_id, count) rows of a split CSV (or a prepared labels.csv); one-line error for a hand-edited
+    file with an id that is not a plain name or a count that is not a number."""
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            for row in reader:
+                rows.append((files.safe_name(row["image_id"]), int(row["count"])))
+    except FileNotFoundError:
+        raise BincounterError(f"{path} not found: run `dvc repro`") from None
+    except files.UnsafeName as exc:
+        raise BincounterError(f"{path} line {reader.line_num}: {exc}") from None
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError, csv.Error):
+        raise BincounterError(f"{path} is not a split file (image_id,count rows); rerun `dvc repro`") from None
+    return rows
 
 
 def split(config: Config) -> dict[str, list[str]]:
@@ -89,13 +147,18 @@ def split(config: Config) -> dict[str, list[str]]:
     labels, rejects = label(raw_dir, config.data.max_count)
     if not labels:
         raise BincounterError(f"no usable images in {raw_dir} (see {raw_dir / INDEX})")
-    splits = stratified_split(labels, config.split.fractions, config.split.seed)
+    cfg = config.split
+    splits = (grouped_split(labels, cfg.fractions, cfg.seed, cfg.group_size) if cfg.strategy == "grouped"
+              else stratified_split(labels, cfg.fractions, cfg.seed))
+    empty = [name for name, ids in splits.items() if not ids]
+    if empty:
+        raise BincounterError(f"split: the {' and '.join(empty)} split would be empty ({len(labels)} usable bins); "
+                              "fetch more bins or change split.fractions")
     for name, ids in splits.items():
         write_csv(out_dir / f"{name}.csv", ["image_id", "count"], [(i, labels[i]) for i in ids])
     write_csv(out_dir / "rejects.csv", ["image_id", "reason"], sorted(rejects.items()))
-    print(
-        "split: " + ", ".join(f"{name} {len(ids)}" for name, ids in splits.items()) + f", rejected {len(rejects)}"
-    )
+    print(f"split ({cfg.strategy}): " + ", ".join(f"{name} {len(ids)}" for name, ids in splits.items())
+          + f", rejected {len(rejects)}")
     from bincounter.data.eda import write_report
 
     write_report(config, splits, labels, rejects)

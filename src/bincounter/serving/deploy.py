@@ -1,14 +1,15 @@
-"""`bincounter deploy`: the SageMaker endpoint, through MLflow's own deployment client.
+"""`bincounter deploy`: the serving image and the SageMaker endpoint, through MLflow's own deployment client.
 
-This is `mlflow deployments create|update|get|delete|list -t sagemaker:/<region>` with the `-C` options
-filled in from params.yaml's `deploy:` section, checked before anything is created. The endpoint runs
-MLflow's scoring server (the `mlflow-pyfunc` image), so it speaks the same JSON as `mlflow models serve`.
+`create|get|delete|list` are `mlflow deployments ... -t sagemaker:/<region>` with the `-C` options filled in
+from params.yaml's `deploy:` section, checked before anything is created: real-time, serverless or
+asynchronous (deploy.async_output_path). `update` is a blue/green update with traffic shifting and alarm
+rollback (bincounter.serving.rollout), `transform` a batch transform over an S3 prefix of photos, and
+`build-image` the model-specific serving image (bincounter.serving.image) the endpoint should run.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 
@@ -16,72 +17,49 @@ from bincounter import tracking
 from bincounter.config import Config
 from bincounter.errors import BincounterError, first_line
 from bincounter.serving.predict import model_uri_for
+from bincounter.serving.regions import deploy_region, model_bucket
+from bincounter.serving.settings import (
+    async_inference_config,
+    capacity,
+    default_image_url,
+    model_environment,
+    validate,
+)
 
-ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/.+")
-IMAGE_REPOSITORY = "mlflow-pyfunc"  # what `mlflow sagemaker build-and-push-container` pushes
-SERVERLESS_MEMORY_MB = (1024, 2048, 3072, 4096, 5120, 6144)
+ACTIONS = ("build-image", "create", "update", "get", "delete", "list", "transform")
 
 
 def target(config: Config) -> str:
-    return f"sagemaker:/{config.deploy.region}"
+    return f"sagemaker:/{deploy_region(config)}"
+
+
+def mode(config: Config) -> str:
+    return "serverless" if config.deploy.serverless else ("async" if config.deploy.async_output_path else "real-time")
 
 
 def deployment_config(config: Config) -> dict:
     """The `-C key=value` options of `mlflow deployments create`, named as MLflow's sagemaker plugin names them."""
     deploy = config.deploy
+    region = deploy_region(config)
     options = {
         "execution_role_arn": deploy.execution_role_arn,
         "image_url": deploy.image_url or default_image_url(config),
         "instance_type": deploy.instance_type,
         "instance_count": deploy.instance_count,
+        "region_name": region,
+        "env": model_environment(config),
         "synchronous": True,
         "timeout_seconds": 1800,
     }
     if deploy.serverless:
         options["serverless_config"] = {"MemorySizeInMB": deploy.serverless_memory_mb,
                                         "MaxConcurrency": deploy.serverless_max_concurrency}
-    if config.sagemaker.bucket:
-        options["bucket"] = config.sagemaker.bucket  # model.tar.gz goes here (else mlflow's default bucket)
+    if async_inference_config(config):
+        options["async_inference_config"] = async_inference_config(config)
+    bucket = model_bucket(config, region)
+    if bucket:
+        options["bucket"] = bucket  # model.tar.gz goes here (else MLflow's default bucket in the region)
     return options
-
-
-def validate(config: Config) -> None:
-    """Everything that can be checked locally, before MLflow uploads or creates anything."""
-    deploy = config.deploy
-    if not deploy.execution_role_arn:
-        raise BincounterError("deploy.execution_role_arn is empty: set it in params.yaml or pass "
-                              "--set deploy.execution_role_arn=arn:aws:iam::<account>:role/<name> "
-                              "(a role SageMaker can assume, with read access to the model bucket)")
-    if not ROLE_ARN.match(deploy.execution_role_arn):
-        raise BincounterError(f"deploy.execution_role_arn {deploy.execution_role_arn!r} is not an IAM role ARN "
-                              "(arn:aws:iam::<account>:role/<name>)")
-    if deploy.serverless:
-        if deploy.serverless_memory_mb not in SERVERLESS_MEMORY_MB:
-            raise BincounterError(f"deploy.serverless_memory_mb must be one of {SERVERLESS_MEMORY_MB}, "
-                                  f"got {deploy.serverless_memory_mb}")
-        if not 1 <= deploy.serverless_max_concurrency <= 200:
-            raise BincounterError("deploy.serverless_max_concurrency must be between 1 and 200")
-    elif deploy.instance_count < 1:
-        raise BincounterError(f"deploy.instance_count must be at least 1, got {deploy.instance_count}")
-
-
-def default_image_url(config: Config) -> str:
-    """What MLflow itself falls back to: $MLFLOW_SAGEMAKER_DEPLOY_IMG_URL, else ECR mlflow-pyfunc:<mlflow version>."""
-    import boto3
-    import mlflow
-
-    if os.environ.get("MLFLOW_SAGEMAKER_DEPLOY_IMG_URL"):
-        return os.environ["MLFLOW_SAGEMAKER_DEPLOY_IMG_URL"]
-    hint = ("set deploy.image_url, or push the serving image once with `mlflow sagemaker build-and-push-container` "
-            "(needs Docker; see docs/serving.md)")
-    try:
-        ecr = boto3.client("ecr", region_name=config.deploy.region)
-        repository = ecr.describe_repositories(repositoryNames=[IMAGE_REPOSITORY])["repositories"][0]
-        ecr.describe_images(repositoryName=IMAGE_REPOSITORY, imageIds=[{"imageTag": mlflow.__version__}])
-    except Exception as exc:  # noqa: BLE001 - RepositoryNotFound, ImageNotFound, no credentials...
-        raise BincounterError(f"deploy.image_url is empty and ECR {IMAGE_REPOSITORY}:{mlflow.__version__} "
-                              f"is not usable ({first_line(exc)}): {hint}") from None
-    return f"{repository['repositoryUri']}:{mlflow.__version__}"
 
 
 def _warn_version_mismatch(image_url: str) -> None:
@@ -99,21 +77,39 @@ def _client(config: Config):
     return get_deploy_client(target(config))
 
 
-def deploy_command(config: Config, action: str, model: str | None = None, name: str | None = None):
-    """create | update | get | delete | list; returns what MLflow's client returned."""
+def deploy_command(config: Config, action: str, model: str | None = None, name: str | None = None, *,
+                   tag: str | None = None, base: str | None = None, wheels: str | None = None,
+                   push: bool = False):
+    """build-image | create | update | get | delete | list | transform; returns what the step returned."""
+    if action not in ACTIONS:
+        raise BincounterError(f"unknown deploy action {action!r} ({', '.join(ACTIONS)})")
+    if action == "build-image":
+        from bincounter.serving.image import build_image
+
+        if not tag:
+            raise BincounterError("deploy build-image needs --tag NAME[:VERSION], e.g. --tag bin-counter-serving:3")
+        return build_image(config, model, tag, base=base, wheels=wheels, push=push)
     name = name or config.deploy.endpoint_name
     try:
-        if action in ("create", "update"):
+        if action == "create":
             validate(config)
             options = deployment_config(config)
             _warn_version_mismatch(options["image_url"])
             tracking.setup(config)
             uri = model_uri_for(config, model)
-            deploy = _client(config).create_deployment if action == "create" else _client(config).update_deployment
-            result = deploy(name, uri, flavor="python_function", config=options)
-            print(f"{action}d endpoint {name} in {config.deploy.region} from {uri} "
-                  f"({_capacity(config)}, image {options['image_url']})")
+            result = _client(config).create_deployment(name, uri, flavor="python_function", config=options)
+            print(f"created endpoint {name} in {options['region_name']} from {uri} "
+                  f"({capacity(config)}, image {options['image_url']})")
             return result
+        if action == "update":
+            from bincounter.serving.rollout import update_endpoint
+
+            validate(config)
+            return update_endpoint(config, name, model)
+        if action == "transform":
+            from bincounter.serving.rollout import run_transform
+
+            return run_transform(config, name, model)
         if action == "get":
             result = {k: v for k, v in _client(config).get_deployment(name).items() if k != "ResponseMetadata"}
             print(json.dumps(result, indent=2, default=str))
@@ -122,21 +118,12 @@ def deploy_command(config: Config, action: str, model: str | None = None, name: 
             _client(config).delete_deployment(name)
             print(f"deleted endpoint {name} (and its SageMaker model and endpoint config)")
             return None
-        if action == "list":
-            endpoints = _client(config).list_deployments()
-            for endpoint in endpoints:
-                print(f"{endpoint['EndpointName']}\t{endpoint.get('EndpointStatus', '')}")
-            return endpoints
+        endpoints = _client(config).list_deployments()
+        for endpoint in endpoints:
+            print(f"{endpoint['EndpointName']}\t{endpoint.get('EndpointStatus', '')}")
+        return endpoints
     except BincounterError:
         raise
     except Exception as exc:  # noqa: BLE001 - MlflowException, botocore errors: one line for the user
         hint = " (it exists: use `bincounter deploy update`)" if "already exists" in str(exc) else ""
         raise BincounterError(f"deploy {action} {name}: {first_line(exc)}{hint}") from None
-    raise BincounterError(f"unknown deploy action {action!r} (create, update, get, delete, list)")
-
-
-def _capacity(config: Config) -> str:
-    deploy = config.deploy
-    if deploy.serverless:
-        return f"serverless {deploy.serverless_memory_mb} MB x{deploy.serverless_max_concurrency}"
-    return f"{deploy.instance_count} x {deploy.instance_type}"

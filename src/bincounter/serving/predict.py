@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import sys
+import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +25,11 @@ from bincounter.errors import BincounterError, first_line
 from bincounter.storage import is_s3, parse_s3_uri, s3_reader
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-ENDPOINT_MAX_BYTES = 5 * 2**20  # SageMaker real-time payloads are capped at 6 MB (serverless: 4 MB)
+# One request to an endpoint, JSON included: SageMaker caps real-time payloads at 6 MB and serverless ones at
+# 4 MB, so batches are split under the smaller (endpoint_predictor checks each body against its endpoint's cap)
+ENDPOINT_MAX_BYTES = 3_900_000
+ENDPOINT_BODY_LIMITS = {"real-time": 6_000_000, "serverless": 4_000_000, "async": 1_000_000_000}
+ASYNC_TIMEOUT_SECONDS = float(os.environ.get("BINCOUNTER_ASYNC_TIMEOUT", "900"))
 READ_THREADS = 8
 PROGRESS_MIN_IMAGES = 32  # a progress bar (stderr) only when there are many images and several batches
 
@@ -112,29 +119,113 @@ def local_predictor(config: Config, model: str | None = None) -> Predictor:
         except MlflowException as exc:
             raise _RowError(exc.message) from None
 
+    predict.model_config = getattr(_unwrap(pyfunc), "model_config", {})  # reconcile reads its threshold
     return predict
 
 
+def _unwrap(pyfunc):
+    try:
+        return pyfunc.unwrap_python_model()
+    except Exception:  # noqa: BLE001 - not a python_function model of ours
+        return None
+
+
+def endpoint_kind(client, name: str) -> tuple[str, str]:
+    """("real-time" | "serverless" | "async", async S3 output path or ""), from the endpoint's config;
+    real-time when it cannot be described (e.g. a caller allowed only sagemaker:InvokeEndpoint)."""
+    try:
+        described = client.describe_endpoint(EndpointName=name)
+        config = client.describe_endpoint_config(EndpointConfigName=described["EndpointConfigName"])
+    except Exception:  # noqa: BLE001 - AccessDenied, or an endpoint that is not there (invoke will say so)
+        return "real-time", ""
+    output = ((config.get("AsyncInferenceConfig") or {}).get("OutputConfig") or {}).get("S3OutputPath", "")
+    if output:
+        return "async", output
+    if any(v.get("ServerlessConfig") for v in config.get("ProductionVariants", [])):
+        return "serverless", ""
+    return "real-time", ""
+
+
+def _request_body(images: list[str]) -> str:
+    return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b] for b in images]}})
+
+
 def endpoint_predictor(name: str, region: str) -> Predictor:
-    """A SageMaker endpoint serving the MLflow model: the scoring server's JSON in and out."""
+    """A SageMaker endpoint serving the MLflow model: the scoring server's JSON in and out. A real-time or
+    serverless endpoint is invoked directly, each body under its payload cap (a batch over it is halved);
+    an asynchronous one gets the body through S3 and answers there."""
     import boto3
 
     client = boto3.client("sagemaker-runtime", region_name=region)
+    kind, async_output = endpoint_kind(boto3.client("sagemaker", region_name=region), name)
+    limit = ENDPOINT_BODY_LIMITS[kind]
 
-    def predict(images: list[str]) -> list[dict]:
-        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b] for b in images]}})
+    def invoke(body: str) -> bytes:
         try:
+            if kind == "async":
+                return _invoke_async(client, name, region, async_output, body)
             response = client.invoke_endpoint(EndpointName=name, ContentType="application/json",
                                               Accept="application/json", Body=body)
-            payload = response["Body"].read()
+            return response["Body"].read()
+        except (BincounterError, _RowError):
+            raise
         except Exception as exc:  # noqa: BLE001 - ClientError (ModelError carries the server's 4xx text)
             message = getattr(exc, "response", {}).get("OriginalMessage") or str(exc)
             if _ROW.search(message):
                 raise _RowError(message) from None
             raise BincounterError(f"endpoint {name} ({region}): {first_line(exc)}") from None
-        return _parse_predictions(payload, len(images), name)
+
+    def predict(images: list[str]) -> list[dict]:
+        body = _request_body(images)
+        if len(body) > limit:
+            if len(images) == 1:
+                raise _RowError(f"row 0: the request is {len(body) / 1e6:.1f} MB; a {kind} endpoint takes at most "
+                                f"{limit / 1e6:g} MB")
+            half = len(images) // 2
+            return predict(images[:half]) + predict(images[half:])
+        return _parse_predictions(invoke(body), len(images), name)
 
     return predict
+
+
+def _invoke_async(client, name: str, region: str, output_path: str, body: str) -> bytes:
+    """Upload the request next to the endpoint's answers, InvokeEndpointAsync, and wait for the answer (or the
+    failure) to appear in S3; the request object is deleted afterwards."""
+    import boto3
+
+    from bincounter.storage import parse_s3_uri
+
+    bucket, prefix = parse_s3_uri(output_path)
+    parent = prefix.rstrip("/").rsplit("/", 1)[0] if "/" in prefix.rstrip("/") else ""
+    key = f"{parent}/requests/{uuid.uuid4().hex}.json".lstrip("/")
+    s3 = boto3.client("s3", region_name=region)
+    s3.put_object(Bucket=bucket, Key=key, Body=body.encode(), ContentType="application/json")
+    try:
+        answer = client.invoke_endpoint_async(EndpointName=name, InputLocation=f"s3://{bucket}/{key}",
+                                              ContentType="application/json", Accept="application/json")
+        deadline, pause = time.monotonic() + ASYNC_TIMEOUT_SECONDS, 0.5
+        while time.monotonic() < deadline:
+            for location, failed in ((answer.get("OutputLocation"), False), (answer.get("FailureLocation"), True)):
+                if not location:
+                    continue
+                out_bucket, out_key = parse_s3_uri(location)
+                try:
+                    payload = s3.get_object(Bucket=out_bucket, Key=out_key)["Body"].read()
+                except s3.exceptions.NoSuchKey:
+                    continue
+                if failed:
+                    text = payload.decode(errors="replace").strip()
+                    if _ROW.search(text):
+                        raise _RowError(text)
+                    raise BincounterError(f"endpoint {name}: the request failed: "
+                                          f"{text.splitlines()[0][:300] if text else 'no reason given'}")
+                return payload
+            time.sleep(pause)
+            pause = min(pause * 1.5, 5.0)
+        raise BincounterError(f"endpoint {name}: no answer in {output_path} after {ASYNC_TIMEOUT_SECONDS:.0f} s "
+                              "(BINCOUNTER_ASYNC_TIMEOUT)")
+    finally:
+        s3.delete_object(Bucket=bucket, Key=key)
 
 
 def _parse_predictions(payload: bytes, expected: int, name: str) -> list[dict]:
@@ -152,7 +243,9 @@ def make_predictor(config: Config, model: str | None, endpoint: str | None, regi
     if endpoint:
         if model:
             raise BincounterError("give either --model or --endpoint, not both")
-        return endpoint_predictor(endpoint, region or config.deploy.region)
+        from bincounter.serving.regions import deploy_region
+
+        return endpoint_predictor(endpoint, deploy_region(config, region))
     return local_predictor(config, model)
 
 
@@ -220,14 +313,17 @@ def _predict_batch(predictor: Predictor, refs: list[ImageRef], images: list[str]
 
 def predict_paths(config: Config, paths: list[str], model: str | None = None, endpoint: str | None = None,
                   batch_size: int = 32, region: str | None = None) -> Iterator[dict]:
-    """{"image", "count", "confidence", "probabilities"} for every image under paths, in order."""
+    """{"image", "count", "confidence", "probabilities", "expected_count"} for every image under paths, in order."""
     refs = find_images(paths)
     predictor = make_predictor(config, model, endpoint, region)
     max_bytes = ENDPOINT_MAX_BYTES if endpoint else None
     for ref, prediction in predict_images(predictor, refs, batch_size, max_bytes):
-        yield {"image": ref.name, "count": int(prediction["count"]),
+        row = {"image": ref.name, "count": int(prediction["count"]),
                "confidence": float(prediction["confidence"]),
                "probabilities": [float(p) for p in prediction["probabilities"]]}
+        if prediction.get("expected_count") is not None:  # models logged before it was served lack it
+            row["expected_count"] = float(prediction["expected_count"])
+        yield row
 
 
 def predict_command(config: Config, paths: list[str], model: str | None = None, endpoint: str | None = None,

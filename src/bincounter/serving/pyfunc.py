@@ -2,10 +2,13 @@
 
 The contract (serving, HPO, deployment and checks rely on it):
 - input: a DataFrame with a column `image` of base64-encoded JPEG or PNG bytes, any size;
-- output: one row per image with `count` (int), `confidence` (probability of that count) and
-  `probabilities` (list over 0..max_count);
-- a row that is not base64 or not an image raises an error naming the row (HTTP 400 when served);
-  so do more than MAX_ROWS rows and an image above MAX_IMAGE_BYTES or MAX_IMAGE_PIXELS.
+- output: one row per image with `count` (int), `confidence` (calibrated probability of that count),
+  `probabilities` (list over 0..max_count) and `expected_count` (the mean of that distribution); `count` is
+  decoded as training chose (train.decode: the most likely count or the rounded expected count), with flip
+  test-time augmentation when train.tta is on;
+- a row that is not base64 or not a JPEG/PNG image raises an error naming the row (HTTP 400 when served);
+  so do more than MAX_ROWS rows, an image above MAX_IMAGE_BYTES or MAX_IMAGE_PIXELS, and a request above
+  MAX_REQUEST_PIXELS in all (checked from the headers before anything is decoded).
 Decoding and resizing use bincounter.images.decode_and_resize and bincounter.model.eval_transform, the
 exact functions behind training's validation and test sets.
 """
@@ -14,8 +17,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
 import io
 import os
+import threading
 from pathlib import Path
 
 import mlflow
@@ -26,18 +31,20 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 BATCH = 64
 MAX_ROWS = 1024  # one request at most; larger batches should be split by the client
-# One image at most (decoded bytes, pixels); ABID photos are ~50 KB and ~0.2 MP. Env overrides for servers.
-MAX_IMAGE_BYTES = int(os.environ.get("BINCOUNTER_MAX_IMAGE_BYTES", str(16 * 2**20)))
-MAX_IMAGE_PIXELS = int(os.environ.get("BINCOUNTER_MAX_IMAGE_PIXELS", "50000000"))
+# Per image and per request (ABID photos are ~50 KB and ~0.2 MP); environment overrides for servers.
+MAX_IMAGE_BYTES = int(os.environ.get("BINCOUNTER_MAX_IMAGE_BYTES", str(8 * 2**20)))
+MAX_IMAGE_PIXELS = int(os.environ.get("BINCOUNTER_MAX_IMAGE_PIXELS", "16000000"))
+MAX_REQUEST_PIXELS = int(os.environ.get("BINCOUNTER_MAX_REQUEST_PIXELS", "300000000"))
+# Full-size decodes at once in this process: bounds memory when many requests arrive together.
+_DECODE_SLOTS = threading.BoundedSemaphore(int(os.environ.get("BINCOUNTER_DECODE_SLOTS", "2")))
+_LARGE_PIXELS = 4_000_000  # after decoding one this large, hand the freed memory back to the system
 
 
 def _bad(message: str) -> MlflowException:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def decode_row(index: int, value, stored_size: int) -> np.ndarray:
-    from bincounter.images import BadImage, decode_and_resize
-
+def _image_bytes(index: int, value) -> bytes:
     if not isinstance(value, (str, bytes)):
         raise _bad(f"row {index}: 'image' must be a base64 string, got {type(value).__name__}")
     if len(value) * 3 // 4 > MAX_IMAGE_BYTES + 3:  # refuse before decoding anything
@@ -45,30 +52,52 @@ def decode_row(index: int, value, stored_size: int) -> np.ndarray:
                    f"at most {MAX_IMAGE_BYTES / 2**20:g} MiB per image")
     try:
         text = value if isinstance(value, bytes) else value.encode("ascii")
-        data = base64.b64decode(b"".join(text.split()), validate=True)
+        return base64.b64decode(b"".join(text.split()), validate=True)
     except (binascii.Error, ValueError, UnicodeEncodeError):
         raise _bad(f"row {index}: 'image' is not valid base64") from None
-    _check_pixels(index, data)
+
+
+def check_request(values: list) -> None:
+    """Every row's header before any row is decoded: JPEG or PNG only, at most MAX_IMAGE_PIXELS each and
+    MAX_REQUEST_PIXELS in all (a small file can declare a huge canvas)."""
+    from bincounter.images import BadImage, image_header
+
+    total = 0
+    for index, value in enumerate(values):
+        try:
+            _, width, height = image_header(_image_bytes(index, value))
+        except BadImage as exc:
+            raise _bad(f"row {index}: {exc}") from None
+        if width * height > MAX_IMAGE_PIXELS:
+            raise _bad(f"row {index}: image is {width}x{height} pixels; "
+                       f"at most {MAX_IMAGE_PIXELS / 1e6:g} megapixels per image")
+        total += width * height
+        if total > MAX_REQUEST_PIXELS:
+            raise _bad(f"the request holds more than {MAX_REQUEST_PIXELS / 1e6:g} megapixels of images "
+                       f"(at row {index}); send fewer images per request")
+
+
+def decode_row(index: int, value, stored_size: int) -> np.ndarray:
+    from bincounter.images import BadImage, decode_and_resize, image_header
+
+    data = _image_bytes(index, value)
     try:
-        return decode_and_resize(data, stored_size)
+        _, width, height = image_header(data)
+        with _DECODE_SLOTS:
+            array = decode_and_resize(data, stored_size)
     except BadImage as exc:
         raise _bad(f"row {index}: {exc}") from None
+    if width * height >= _LARGE_PIXELS:
+        _release_memory()
+    return array
 
 
-def _check_pixels(index: int, data: bytes) -> None:
-    """Read only the header: a small file can declare a huge canvas (decompression bomb)."""
-    from PIL import Image
-
-    limit = f"at most {MAX_IMAGE_PIXELS / 1e6:g} megapixels"
+def _release_memory() -> None:
+    """glibc keeps freed blocks of big decodes in its arenas; malloc_trim hands them back (Linux only)."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except Image.DecompressionBombError:
-        raise _bad(f"row {index}: image has too many pixels; {limit}") from None
-    except Exception:  # noqa: BLE001 - not an image: decode_and_resize says so in its own words
-        return
-    if width * height > MAX_IMAGE_PIXELS:
-        raise _bad(f"row {index}: image is {width}x{height} pixels; {limit}")
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class BinCounterPyfunc(mlflow.pyfunc.PythonModel):
@@ -91,19 +120,26 @@ class BinCounterPyfunc(mlflow.pyfunc.PythonModel):
         if len(model_input) > MAX_ROWS:
             raise _bad(f"{len(model_input)} images in one request; send at most {MAX_ROWS}")
         stored = self.model_config["stored_size"]
-        arrays = [decode_row(i, v, stored) for i, v in enumerate(model_input["image"].tolist())]
-        probabilities = []
+        values = model_input["image"].tolist()
+        check_request(values)
+        arrays = [decode_row(i, v, stored) for i, v in enumerate(values)]
+        from bincounter.model import count_logits, decode_counts, probabilities
+
+        config = self.model_config
+        chunks = []
         with torch.no_grad():
             for start in range(0, len(arrays), BATCH):
                 batch = torch.from_numpy(np.stack(arrays[start : start + BATCH])).permute(0, 3, 1, 2)
                 batch = self.transform(batch).to(self.device)
-                probabilities.append(torch.softmax(self.model(batch).float(), dim=1).cpu().numpy())
-        probs = np.concatenate(probabilities).astype(np.float64)
-        counts = probs.argmax(axis=1)
+                logits = count_logits(self.model, batch, tta=config.get("tta", False))
+                chunks.append(probabilities(logits, config.get("temperature", 1.0)).cpu().numpy())
+        probs = np.concatenate(chunks).astype(np.float64)
+        counts = decode_counts(probs, config.get("decode", "argmax"))
         return pd.DataFrame({
-            "count": counts.astype(np.int64),
+            "count": counts,
             "confidence": probs[np.arange(len(probs)), counts],
             "probabilities": [row.tolist() for row in probs],
+            "expected_count": probs @ np.arange(probs.shape[1]),
         })
 
 

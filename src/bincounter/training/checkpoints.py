@@ -44,3 +44,12 @@ def load_checkpoint(path: Path, config: dict) -> dict | None:
             raise BincounterError(f"checkpoint {path} has {section}.{key}={saved}, this run {wanted}; "
                                   "delete it or use another checkpoint folder")
     return state
+
+
+def checkpoint_run_id(path: Path) -> str | None:
+    """The MLflow run an interrupted training was logging to, if its checkpoint says (else None)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - missing or unreadable: fit says so in its own words when resuming
+        return None
+    return (state.get("mlflow_run_id") or None) if isinstance(state, dict) else None

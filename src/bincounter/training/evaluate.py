@@ -37,7 +37,7 @@ def evaluate_model(config: Config, model_uri: str, split: str = "test") -> dict:
     tracking.setup(config)
     model, model_config = load_model_dir(local_model_dir(model_uri))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = evaluate_split(model, split_dir, model_config["image_size"], model_config["max_count"] + 1, device)
+    result = evaluate_split(model, split_dir, model_config, device)
     name = split if split in SPLITS else "eval"
     with mlflow.start_run(run_name=f"evaluate-{name}"), tempfile.TemporaryDirectory() as tmp:
         mlflow.set_tags({"model_uri": model_uri, "split": str(split_dir)})

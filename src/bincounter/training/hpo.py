@@ -3,11 +3,17 @@
 Local: TPE sampler, median pruning on the per-epoch validation objective, each trial a nested MLflow
 run under one parent, failed trials recorded and skipped, the study resumable from its sqlite storage.
 The best trial's model (already evaluated on test with its profile) is registered and may become champion.
+
+Resuming: the study keeps its MLflow parent run id in its user attrs (PARENT_ATTR). Running the same study
+again reopens that parent run, adds the missing trials as more children of it, and registers the best
+model only if no version of that model exists yet (a finished study run again registers nothing). Under
+`mlflow run` the parent is the run `mlflow run` created; it is tagged hpo.resumed_from=<the earlier parent>.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,11 +22,15 @@ import mlflow
 import optuna
 
 from bincounter import tracking
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
 from bincounter.config import Config, Dimension, search_space, with_overrides
 from bincounter.errors import BincounterError
 from bincounter.training.run import data_dirs_for, run_training
 
 MAXIMISE = {"macro_accuracy": True, "rmse": False}
+PARENT_ATTR = "mlflow_parent_run_id"
 
 
 def suggest(trial: optuna.Trial, dims: list[Dimension]) -> dict:
@@ -60,7 +70,7 @@ def objective_fn(config: Config, parent_run_id: str, pinned: set[str], checkpoin
                 raise optuna.TrialPruned(f"pruned after epoch {epoch} ({name}={metrics[name]:.4f})")
 
         outcome = run_training(trial_config, data_dirs_for(trial_config), nested=True, parent_run_id=parent_run_id, register=False,
-                               on_epoch=report, run_name=f"trial-{trial.number}")
+                               on_epoch=report, run_name=f"trial-{trial.number} {tracking.recipe_name(trial_config)}")
         trial.set_user_attr("run_id", outcome.run_id)
         trial.set_user_attr("model_uri", outcome.model_uri)
         value = outcome.val_metrics.get(name, math.nan)
@@ -81,12 +91,37 @@ def run_hpo(config: Config, pinned: set[str] | None = None) -> dict:
     remaining = max(config.hpo.n_trials - len(done), 0)
     if done:
         print(f"hpo: study {config.hpo.study_name} resumes with {len(done)} finished trials, {remaining} to go")
-    with tracking.maybe_run(config, run_name="hpo") as parent, tempfile.TemporaryDirectory() as scratch:
-        mlflow.set_tags({"hpo.study": config.hpo.study_name, "hpo.objective": config.hpo.objective})
-        objective = objective_fn(config, parent.info.run_id, pinned or set(), Path(scratch))
-        study.optimize(objective, n_trials=remaining, n_jobs=max(1, config.hpo.n_jobs), catch=(Exception,),
-                       show_progress_bar=True, gc_after_trial=True)
-        return summarise(config, study, Path(scratch))
+    previous = _previous_parent(config, study)
+    reopen = previous and not os.environ.get("MLFLOW_RUN_ID")
+    if reopen:
+        os.environ["MLFLOW_RUN_ID"] = previous  # maybe_run -> mlflow.start_run() reopens it (and unsets this)
+    try:
+        with tracking.maybe_run(config, run_name="hpo") as parent, tempfile.TemporaryDirectory() as scratch:
+            if previous and parent.info.run_id != previous:
+                mlflow.set_tag("hpo.resumed_from", previous)
+            study.set_user_attr(PARENT_ATTR, parent.info.run_id)
+            mlflow.set_tags({"hpo.study": config.hpo.study_name, "hpo.objective": config.hpo.objective})
+            objective = objective_fn(config, parent.info.run_id, pinned or set(), Path(scratch))
+            study.optimize(objective, n_trials=remaining, n_jobs=max(1, config.hpo.n_jobs), catch=(Exception,),
+                           show_progress_bar=True, gc_after_trial=True)
+            return summarise(config, study, Path(scratch))
+    finally:
+        if reopen and os.environ.get("MLFLOW_RUN_ID") == previous:  # the run never started: leave no trace
+            del os.environ["MLFLOW_RUN_ID"]
+
+
+def _previous_parent(config: Config, study: optuna.Study) -> str | None:
+    """The parent run of an earlier run_hpo on this study, if it is still in the tracking store."""
+    run_id = study.user_attrs.get(PARENT_ATTR)
+    if not run_id:
+        return None
+    tracking.setup(config)
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        print(f"hpo: the study's parent run {run_id} is not in this tracking store; starting a new one")
+        return None
+    return run_id if run.info.lifecycle_stage == "active" else None
 
 
 def summarise(config: Config, study: optuna.Study, out_dir: Path) -> dict:
@@ -97,7 +132,7 @@ def summarise(config: Config, study: optuna.Study, out_dir: Path) -> dict:
     if counts["COMPLETE"] == 0:
         raise BincounterError("hpo: no trial completed (see the failed trial runs in MLflow)")
     best = study.best_trial
-    mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
+    _log_best_params(best.params)
     mlflow.log_metric(f"best_{config.hpo.objective}", best.value)
     mlflow.set_tag("best_trial_run_id", best.user_attrs.get("run_id", ""))
     log_plots(study, out_dir)
@@ -107,10 +142,49 @@ def summarise(config: Config, study: optuna.Study, out_dir: Path) -> dict:
             "counts": counts}
 
 
+def _log_best_params(params: dict) -> None:
+    """best_<name> params; a resumed study whose best trial changed records the new values as tags
+    (MLflow params cannot change once logged)."""
+    logged = mlflow.active_run().data.params if mlflow.active_run() else {}
+    fresh, changed = {}, {}
+    for key, value in params.items():
+        name = f"best_{key}"
+        if name not in logged:
+            fresh[name] = value
+        elif logged[name] != str(value):
+            changed[name] = str(value)
+    mlflow.log_params(fresh)
+    if changed:
+        mlflow.set_tags(changed)
+
+
+def _registered_version(config: Config, run_id: str, model_uri: str) -> str | None:
+    """The version of model_name already registered from this trial's model, if any."""
+    client = MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name = '{config.mlflow.model_name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else None
+    for version in versions:
+        if version.source == model_uri or (model_id and getattr(version, "model_id", None) == model_id):
+            return str(version.version)
+    return None
+
+
 def register_best(config: Config, best: optuna.trial.FrozenTrial) -> tuple[str | None, bool]:
     model_uri, run_id = best.user_attrs.get("model_uri"), best.user_attrs.get("run_id")
     if not model_uri:
         return None, False
+    existing = _registered_version(config, run_id, model_uri)
+    if existing is not None:
+        alias = config.mlflow.champion_alias
+        try:
+            holder = str(MlflowClient().get_model_version_by_alias(config.mlflow.model_name, alias).version)
+        except MlflowException:
+            holder = None
+        print(f"registry: the best trial's model is already {config.mlflow.model_name} v{existing}; not registered again")
+        return existing, holder == existing
     version = mlflow.register_model(model_uri, config.mlflow.model_name).version
     test_metrics = mlflow.get_run(run_id).data.metrics
     metrics = {k.removeprefix("test_"): v for k, v in test_metrics.items() if k.startswith("test_")}

@@ -152,7 +152,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn: CountLoss, device: torch.
         loss = loss_fn(logits, counts)
         if not torch.isfinite(loss):
             lr = optimizer.param_groups[0]["lr"]
-            raise TrainingDiverged(f"loss became {float(loss)} at {desc} step {step + 1} (lr={lr:g}); "
+            raise TrainingDiverged(f"loss became {loss.item()} at {desc} step {step + 1} (lr={lr:g}); "
                                    "lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -219,8 +219,9 @@ class _Progress:
 
 
 def fit(config: Config, data_dirs: dict[str, Path], *, resume: bool = False, profile_dir: Path | None = None,
-        on_epoch: Callable[[int, dict], None] | None = None) -> FitResult:
-    """Train on data_dirs['train'], validate on data_dirs['val'] each epoch; returns the best model."""
+        on_epoch: Callable[[int, dict], None] | None = None, run_id: str | None = None) -> FitResult:
+    """Train on data_dirs['train'], validate on data_dirs['val'] each epoch; returns the best model.
+    run_id (the MLflow run logging this training) is kept in the checkpoint so a resume continues it."""
     cfg = config.train
     rank, world = distributed()
     seed_everything(cfg.seed + rank)
@@ -268,8 +269,9 @@ def fit(config: Config, data_dirs: dict[str, Path], *, resume: bool = False, pro
             progress.best_state = copy.deepcopy(model.state_dict())
         else:
             progress.bad_epochs += 1
+        if on_epoch is not None:  # MLflow gets the epoch before the checkpoint: a resume never skips one
+            on_epoch(epoch + 1, metrics)
         if rank == 0:
-            print(metric_line(epoch + 1, metrics), flush=True)
             save_checkpoint(checkpoint_path, {
                 "epoch": epoch + 1, "config": config.to_dict(), "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -277,9 +279,9 @@ def fit(config: Config, data_dirs: dict[str, Path], *, resume: bool = False, pro
                 "best_state": progress.best_state, "best_epoch": result.best_epoch,
                 "epoch_metrics": result.epoch_metrics, "history": result.history.to_dict(),
                 "rng": {"torch": torch.get_rng_state(), "loader": generator.get_state()},
+                "mlflow_run_id": run_id or "",
             })
-        if on_epoch is not None:
-            on_epoch(epoch + 1, metrics)
+            print(metric_line(epoch + 1, metrics), flush=True)  # after the checkpoint: the line means "saved"
         if progress.bad_epochs >= cfg.patience:
             print(f"early stopping: validation macro_accuracy has not improved for {cfg.patience} epochs")
             break

@@ -4,6 +4,7 @@ profile and its rules, and the model as the served pyfunc."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import mlflow
@@ -37,8 +38,8 @@ def log_test(test: dict, num_classes: int, out_dir: Path, prefix: str = "test") 
     matrix = confusion(test["targets"], test["predictions"], num_classes)
     plot_confusion(matrix, plots / "confusion_matrix.png", f"{prefix} confusion matrix")
     plot_per_class(test["metrics"], num_classes, plots / "per_class_accuracy.png", f"{prefix} recall per count")
-    rows = ["image_id,count,predicted,confidence"] + [
-        f"{i},{t},{p},{prob[p]:.4f}"
+    rows = ["image_id,count,predicted,confidence,expected_count"] + [
+        f"{i},{t},{p},{prob[p]:.4f},{float(prob @ np.arange(len(prob))):.4f}"
         for i, t, p, prob in zip(test["ids"], test["targets"], test["predictions"], test["probabilities"])
     ]
     (plots / f"{prefix}_predictions.csv").write_text("\n".join(rows) + "\n")
@@ -58,6 +59,39 @@ def write_profile(result, profile_dir: Path, config: Config) -> Path:
         writer.writerows((r.name, r.status, r.evidence) for r in rules)
     result.rules = rules
     return report
+
+
+def log_datasets(config: Config, data_dirs: dict[str, Path]) -> None:
+    """The run's Datasets section: each prepared split as an MLflow dataset (its labels; the source is the
+    split folder or channel; the digest is DVC's hash of data/prepared when dvc.lock records one, else the
+    prepare run's id), with the context training / validation / test."""
+    import pandas as pd
+
+    from bincounter.data.prepare import PREPARED_FILE
+    from bincounter.tracking import dvc_hashes
+
+    dvc_md5 = dvc_hashes(config).get("dvc.prepared.md5", "")
+    for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
+        folder = Path(data_dirs[split])
+        _, ids, counts = load_prepared(folder)
+        marker = folder / PREPARED_FILE
+        generation = json.loads(marker.read_text()).get("generation", "") if marker.exists() else ""
+        digest = (dvc_md5 or generation)[:32] or None
+        frame = pd.DataFrame({"image_id": ids, "count": counts})
+        dataset = mlflow.data.from_pandas(frame, source=str(folder.resolve()), targets="count",
+                                          name=f"abid-{split}", digest=digest)
+        mlflow.log_input(dataset, context=context, tags={"prepare_generation": generation})
+
+
+def log_calibration(calibration: dict, out_dir: Path) -> None:
+    """The temperature, ECE and NLL before and after on validation, and the reliability diagram."""
+    from bincounter.training.calibration import plot_reliability
+
+    mlflow.log_metrics(calibration["metrics"])
+    plots = Path(out_dir) / PLOTS_DIR
+    plots.mkdir(parents=True, exist_ok=True)
+    plot_reliability(calibration["before"], calibration["after"], calibration["targets"], plots / "reliability.png")
+    mlflow.log_artifact(str(plots / "reliability.png"), PLOTS_DIR)
 
 
 def log_profile(profile_dir: Path) -> None:

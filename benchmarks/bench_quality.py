@@ -1,0 +1,145 @@
+"""Counting quality on unseen bins: one bincounter recipe end to end vs the seed-style baseline, same bins.
+
+    python benchmarks/bench_quality.py --sources ../shared/abid-sample /tmp/abid-more \
+        --set train.arch=resnet18 --set train.image_size=128 --epochs 5 [--baseline] [--strategy grouped]
+
+The sources are folders in the bucket's layout (abid-sample, and abid-more built as its README says). Their
+bins with counts 0-5 are merged (first source wins on a repeated id) into one local source, then bincounter's
+own stages run: fetch (data.source = that folder), split (split.strategy, fixed seed), prepare. The recipe
+trains through bincounter.training.run.run_training (the function `bincounter train` runs, calibration,
+decode and TTA included; MLflow off) and is scored on the test split with the served model's numerics
+(bincounter.training.run.evaluate_split, which tests/test_calibration.py checks against the pyfunc). With
+--baseline, the seed notebooks' loop (ImageFolder-style PIL decoding, resnet18, fp32, AdamW, cross-entropy)
+trains for the same epochs on the same training bins. One markdown row per contender is printed and
+appended to --out, with the machine and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import train_baseline  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = ("accuracy", "macro_accuracy", "rmse", "mae", "off_by_one_accuracy", "ece")
+
+
+def machine() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
+            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
+
+
+def merge_sources(sources: list[Path], dest: Path, limit: int | None) -> list[str]:
+    """dest/{bin-images,metadata} as symlinks to every bin with a count 0..5; -> the ids (sorted)."""
+    (dest / "bin-images").mkdir(parents=True)
+    (dest / "metadata").mkdir(parents=True)
+    ids = []
+    for source in sources:
+        with open(source / "labels.csv", newline="") as handle:
+            for row in csv.DictReader(handle):
+                image_id = row["image_id"]
+                if int(row["expected_quantity"]) > 5 or (dest / "metadata" / f"{image_id}.json").exists():
+                    continue
+                (dest / "bin-images" / f"{image_id}.jpg").symlink_to((source / "bin-images" / f"{image_id}.jpg").resolve())
+                (dest / "metadata" / f"{image_id}.json").symlink_to((source / "metadata" / f"{image_id}.json").resolve())
+                ids.append(image_id)
+    ids.sort()
+    return ids[:limit] if limit else ids
+
+
+def build(root: Path, args):
+    from bincounter.config import build_config
+    from bincounter.data.fetch import fetch
+    from bincounter.data.prepare import prepare
+    from bincounter.data.split import split
+
+    ids = merge_sources([Path(s) for s in args.sources], root / "source", args.limit)
+    (root / "manifest.json").write_text(json.dumps(ids))
+    overrides = dict(item.split("=", 1) for item in args.set)
+    size = int(overrides.get("train.image_size", 128))
+    config = build_config({}, {
+        "data.source": str(root / "source"), "data.subset": str(root / "manifest.json"),
+        "data.raw_dir": str(root / "raw"), "data.workers": 8, "split.out_dir": str(root / "splits"),
+        "split.eda_dir": str(root / "eda"), "split.strategy": args.strategy, "split.seed": args.seed,
+        "prepare.out_dir": str(root / "prepared"), "prepare.image_size": size + size // 8,
+        "prepare.workers": args.workers, "train.data_dir": str(root / "prepared"),
+        "train.checkpoint_dir": str(root / "ckpt"), "train.epochs": args.epochs, "train.profile_steps": 0,
+        "train.num_workers": 1, "train.patience": max(args.epochs, 1), "train.device": "cpu", **overrides})
+    fetch(config.data)
+    split(config)
+    prepare(config)
+    return config
+
+
+def run_recipe(config, root: Path) -> tuple[dict, float, int]:
+    from bincounter.training.run import METRICS_FILE, data_dirs_for, run_training
+
+    t0 = time.perf_counter()
+    outcome = run_training(config, data_dirs_for(config), track=False, register=False, model_dir=root / "model")
+    best_epoch = json.loads((root / "model" / METRICS_FILE).read_text())["best_epoch"]
+    return outcome.test_metrics, time.perf_counter() - t0, int(best_epoch)
+
+
+def row(name: str, metrics: dict, seconds: float, best_epoch: int, epochs: int) -> str:
+    cells = [f"{metrics.get(k, float('nan')):.3f}" for k in KEYS]
+    per_count = " / ".join(f"{metrics.get(f'class_{c}_accuracy', float('nan')):.2f}" for c in range(6))
+    return f"| {name} | " + " | ".join(cells) + f" | {per_count} | {best_epoch}/{epochs} | {seconds:.0f} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sources", nargs="+", default=[str(REPO / ".." / "shared" / "abid-sample")])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe knob (params key)")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--strategy", default="grouped", help="split.strategy: grouped | random")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--limit", type=int, default=None, help="use the first N merged bins (sorted ids)")
+    parser.add_argument("--workers", type=int, default=2, help="prepare processes")
+    parser.add_argument("--baseline", action="store_true", help="also train the seed-style loop on the same bins")
+    parser.add_argument("--name", default=None, help="the row's name (default: the recipe)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "quality-results.md"))
+    args = parser.parse_args()
+
+    import torch
+
+    from bincounter import tracking
+
+    command = "python benchmarks/bench_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        config = build(root, args)
+        sizes = {n: len((root / "splits" / f"{n}.csv").read_text().splitlines()) - 1 for n in ("train", "val", "test")}
+        name = args.name or f"{tracking.recipe_name(config)} ({args.strategy})"
+        metrics, seconds, best = run_recipe(config, root)
+        lines.append(row(name, metrics, seconds, best, args.epochs))
+        print(lines[-1], flush=True)
+        if args.baseline:
+            torch.manual_seed(config.train.seed)
+            base, seconds, best = train_baseline(root, args.epochs, config.train.image_size, 32)
+            lines.append(row(f"seed-style baseline ({args.strategy})", base, seconds, best, args.epochs))
+            print(lines[-1], flush=True)
+    header = (f"\n<!-- {time.strftime('%Y-%m-%d %H:%M')} | {machine()} | bins train/val/test {sizes['train']}/"
+              f"{sizes['val']}/{sizes['test']} | `{command}` -->\n")
+    with open(args.out, "a") as handle:
+        handle.write(header + "\n".join(lines) + "\n")
+    print(header + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
