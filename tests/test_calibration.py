@@ -39,6 +39,11 @@ def test_temperature_fitting_lowers_the_nll_and_the_ece_of_an_overconfident_mode
     assert (after.argmax(1) == before.argmax(1)).all()  # calibration never changes the most likely count
 
 
+def test_too_few_validation_bins_keep_the_temperature_at_one():
+    logits, targets = overconfident(n=40, right=1.0)  # all right: the NLL alone would drive T towards 0
+    assert fit_temperature(logits, targets) == 1.0
+
+
 def test_expected_decoding_rounds_the_mean_count():
     probs = np.array([[0.5, 0.0, 0.0, 0.5, 0.0, 0.0],   # argmax 0, mean 1.5 -> 2
                       [0.0, 0.1, 0.2, 0.3, 0.4, 0.0]])  # argmax 4, mean 3.0 -> 3

@@ -10,12 +10,16 @@ import numpy as np
 import torch
 
 ECE_BINS = 15
+MIN_CALIBRATION_BINS = 50  # fewer validation bins cannot pin a temperature down (it would chase the few)
 RECONCILE_PRECISION = 0.9  # reconcile flags a record when the model is at least this sure of another count
 
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray, steps: int = 200) -> float:
-    """The T > 0 minimising the NLL of softmax(logits / T) on (logits, targets); 1.0 when there is no data."""
-    if len(targets) == 0:
+    """The T > 0 minimising the NLL of softmax(logits / T) on (logits, targets); 1.0 (no change) when there
+    are fewer than MIN_CALIBRATION_BINS bins to fit it on."""
+    if len(targets) < MIN_CALIBRATION_BINS:
+        print(f"calibration: {len(targets)} validation bins are too few to fit a temperature "
+              f"(at least {MIN_CALIBRATION_BINS}); confidence stays uncalibrated (temperature 1.0)")
         return 1.0
     x, y = torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(targets, dtype=torch.long)
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)  # T = exp(log_t) stays positive
@@ -29,7 +33,7 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, steps: int = 200) -
 
     optimizer.step(closure)
     temperature = float(log_t.detach().exp())
-    return temperature if np.isfinite(temperature) and 0.01 <= temperature <= 100 else 1.0
+    return temperature if np.isfinite(temperature) and 0.05 <= temperature <= 20 else 1.0
 
 
 def nll(probs: np.ndarray, targets: np.ndarray) -> float:
