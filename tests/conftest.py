@@ -254,3 +254,32 @@ def _environment_under_test_first_on_path():
     os.environ["PATH"] = os.pathsep.join([bindir] + [p for p in saved.split(os.pathsep) if p and p != bindir])
     yield bindir
     os.environ["PATH"] = saved
+
+
+SM_BUCKET = "bincounter-jobs"
+SM_REGION = "us-east-1"
+
+
+@pytest.fixture
+def sm(aws, prepared, tmp_path):
+    """A bucket, an execution role and the prepared splits synced to S3 as channels, all on the emulator."""
+    from types import SimpleNamespace
+
+    import boto3
+
+    from bincounter.data.sync import sync
+
+    boto = boto3.Session(region_name=SM_REGION)
+    boto.client("s3").create_bucket(Bucket=SM_BUCKET)
+    role = boto.client("iam").create_role(RoleName="bincounter-sagemaker", AssumeRolePolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
+                                                 "Principal": {"Service": "sagemaker.amazonaws.com"}}]}))["Role"]["Arn"]
+    overrides = {"train.backend": "sagemaker", "sagemaker.role_arn": role, "sagemaker.bucket": SM_BUCKET,
+                 "sagemaker.region": SM_REGION, "sync.s3_uri": f"s3://{SM_BUCKET}/data"}
+
+    def make(**extra):
+        return config_on(prepared, tmp_path, **{**overrides, **extra})
+
+    sync(make())
+    return SimpleNamespace(make=make, role=role, boto=boto, client=boto.client("sagemaker"), s3=boto.client("s3"),
+                           tmp=tmp_path, prepared=prepared, overrides=overrides)

@@ -13,45 +13,13 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from conftest import config_on, empty_params, free_port
+from conftest import config_on, empty_params, free_port, SM_BUCKET, SM_REGION
 
 from bincounter.aws import jobs, session, tuning
 from bincounter.errors import BincounterError
 
 pytestmark = pytest.mark.slow
-BUCKET = "bincounter-jobs"
-REGION = "us-east-1"
-
-
-@pytest.fixture(autouse=True)
-def _no_mlflow_vars():
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
-        os.environ.pop(name, None)
-    yield
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
-        os.environ.pop(name, None)
-
-
-@pytest.fixture
-def sm(aws, prepared, tmp_path):
-    import boto3
-
-    from bincounter.data.sync import sync
-
-    boto = boto3.Session(region_name=REGION)
-    boto.client("s3").create_bucket(Bucket=BUCKET)
-    role = boto.client("iam").create_role(RoleName="bincounter-sagemaker", AssumeRolePolicyDocument=json.dumps(
-        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
-                                                 "Principal": {"Service": "sagemaker.amazonaws.com"}}]}))["Role"]["Arn"]
-    overrides = {"train.backend": "sagemaker", "sagemaker.role_arn": role, "sagemaker.bucket": BUCKET,
-                 "sagemaker.region": REGION, "sync.s3_uri": f"s3://{BUCKET}/data"}
-
-    def make(**extra):
-        return config_on(prepared, tmp_path, **{**overrides, **extra})
-
-    sync(make())
-    return SimpleNamespace(make=make, role=role, client=boto.client("sagemaker"), s3=boto.client("s3"),
-                           tmp=tmp_path, prepared=prepared, overrides=overrides)
+BUCKET, REGION = SM_BUCKET, SM_REGION
 
 
 def s3_text(sm, uri: str) -> str:

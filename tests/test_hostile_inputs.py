@@ -428,18 +428,23 @@ def test_a_resumed_training_reproduces_an_uninterrupted_one(prepared, tmp_path):
         assert torch.equal(a, b), name
 
 
+def train_command(config, tmp_path: Path) -> list[str]:
+    """`python -m bincounter train` in a subprocess with config's folders, store and epochs."""
+    settings = {"train.data_dir": config.train.data_dir, "split.out_dir": config.split.out_dir,
+                "mlflow.tracking_uri": config.mlflow.tracking_uri, "mlflow.experiment": "tests",
+                "mlflow.artifact_location": config.mlflow.artifact_location,
+                "train.checkpoint_dir": config.train.checkpoint_dir, "train.arch": "resnet18",
+                "train.image_size": 64, "train.batch_size": 8, "train.num_workers": 0, "train.profile_steps": 0,
+                "train.epochs": config.train.epochs}
+    return [sys.executable, "-m", "bincounter", "train", "--params", empty_params(tmp_path),
+            *[f"--set={k}={v}" for k, v in settings.items()]]
+
+
 def test_a_killed_training_run_is_continued_by_resume_not_left_running(prepared, tmp_path):
     from mlflow import MlflowClient
 
     config = config_on(prepared, tmp_path, **{"train.epochs": 2})
-    args = [sys.executable, "-m", "bincounter", "train", "--params", empty_params(tmp_path),
-            *[f"--set={k}={v}" for k, v in {
-                "train.data_dir": config.train.data_dir, "split.out_dir": config.split.out_dir,
-                "mlflow.tracking_uri": config.mlflow.tracking_uri, "mlflow.experiment": "tests",
-                "mlflow.artifact_location": config.mlflow.artifact_location,
-                "train.checkpoint_dir": config.train.checkpoint_dir, "train.arch": "resnet18",
-                "train.image_size": 64, "train.batch_size": 8, "train.num_workers": 0,
-                "train.profile_steps": 0, "train.epochs": 2}.items()]]
+    args = train_command(config, tmp_path)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     for line in first.stdout:  # kill -9 right after the first epoch's checkpoint
@@ -462,14 +467,7 @@ def test_kill_ends_the_training_run_killed_with_one_line(prepared, tmp_path):
     from mlflow import MlflowClient
 
     config = config_on(prepared, tmp_path, **{"train.epochs": 5})
-    args = [sys.executable, "-m", "bincounter", "train", "--params", empty_params(tmp_path),
-            *[f"--set={k}={v}" for k, v in {
-                "train.data_dir": config.train.data_dir, "split.out_dir": config.split.out_dir,
-                "mlflow.tracking_uri": config.mlflow.tracking_uri, "mlflow.experiment": "tests",
-                "mlflow.artifact_location": config.mlflow.artifact_location,
-                "train.checkpoint_dir": config.train.checkpoint_dir, "train.arch": "resnet18",
-                "train.image_size": 64, "train.batch_size": 8, "train.num_workers": 0,
-                "train.profile_steps": 0, "train.epochs": 5}.items()]]
+    args = train_command(config, tmp_path)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:

@@ -25,12 +25,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import config_on
+from conftest import config_on, SM_BUCKET, SM_REGION
 
 from bincounter.aws import follow, jobs, tuning
 
-BUCKET = "bincounter-jobs"
-REGION = "us-east-1"
+BUCKET, REGION = SM_BUCKET, SM_REGION
 SPACE = {
     "lr": {"type": "float", "low": 0.0001, "high": 0.1, "log": True},
     "augment": {"type": "float", "low": 0.0, "high": 1.0},
@@ -38,43 +37,6 @@ SPACE = {
     "batch_size": {"type": "categorical", "choices": [4, 8]},
     "loss": {"type": "categorical", "choices": ["ce", "emd"]},
 }
-
-
-@pytest.fixture(autouse=True)
-def _fresh_mlflow_context():
-    """mlflow.set_tracking_uri/set_experiment export MLFLOW_TRACKING_URI/MLFLOW_EXPERIMENT_ID for subprocesses,
-    and tracking.setup prefers them; each test here has its own store."""
-    import os
-
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")
-    for name in names:
-        os.environ.pop(name, None)
-    yield
-    for name in names:
-        os.environ.pop(name, None)
-
-
-@pytest.fixture
-def sm(aws, prepared, tmp_path):
-    """A bucket, an execution role and the prepared splits synced to S3 as channels, all on the emulator."""
-    import boto3
-
-    from bincounter.data.sync import sync
-
-    boto = boto3.Session(region_name=REGION)
-    boto.client("s3").create_bucket(Bucket=BUCKET)
-    role = boto.client("iam").create_role(RoleName="bincounter-sagemaker", AssumeRolePolicyDocument=json.dumps(
-        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
-                                                 "Principal": {"Service": "sagemaker.amazonaws.com"}}]}))["Role"]["Arn"]
-    overrides = {"train.backend": "sagemaker", "sagemaker.role_arn": role, "sagemaker.bucket": BUCKET,
-                 "sagemaker.region": REGION, "sync.s3_uri": f"s3://{BUCKET}/data"}
-
-    def make(**extra):
-        return config_on(prepared, tmp_path, **{**overrides, **extra})
-
-    sync(make())
-    return SimpleNamespace(make=make, role=role, boto=boto, client=boto.client("sagemaker"),
-                           s3=boto.client("s3"), tmp=tmp_path)
 
 
 def s3_text(sm, uri: str) -> str:
