@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bincounter.config import Config, hyperparameter_keys, with_overrides
 from bincounter.data.prepare import IMAGES_FILE, verify_prepared
-from bincounter.errors import BincounterError
+from bincounter.errors import BincounterError, first_line
 
 CHECKPOINT_DIR = "/opt/ml/checkpoints"  # SageMaker syncs it with CheckpointConfig.S3Uri; SM_CHECKPOINT_DIR overrides
 # "false": the job's own MLflow run (when MLFLOW_TRACKING_URI is set) does not register the model, because
@@ -61,7 +61,6 @@ def apply(config: Config) -> tuple[Config, dict[str, Path], Path, Path]:
     model_dir = Path(os.environ["SM_MODEL_DIR"])
     data_output = Path(os.environ.get("SM_OUTPUT_DATA_DIR", model_dir / "output"))
     return config, data_dirs, model_dir, data_output
-
 
 
 def output_dir() -> Path:
@@ -117,7 +116,7 @@ def _tracking_reachable() -> str:
     try:
         MlflowClient().search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure means: train without it
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+        return f"{type(exc).__name__}: {first_line(exc)[:200]}"
     return ""
 
 
@@ -162,9 +161,8 @@ def _train(config: Config):
     except Exception as exc:
         if not (track and tracking_error(exc)):
             raise
-        print(f"warning: MLflow tracking failed during the job ({type(exc).__name__}: "
-              f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); going on without it",
-              flush=True)
+        print(f"warning: MLflow tracking failed during the job ({type(exc).__name__}: {first_line(exc)[:200]}); "
+              "going on without it", flush=True)
         _drop_tracking()
         if (model_dir / METRICS_FILE).exists():  # the model was written before logging failed
             from bincounter.training.run import TrainOutcome

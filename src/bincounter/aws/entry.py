@@ -32,24 +32,14 @@ class _ErrorLines:
         return getattr(self.stream, name)
 
 
-def write_failure(message: str) -> None:
-    path = os.path.join(os.environ.get("SM_OUTPUT_DIR", "/opt/ml/output"), "failure")
-    lines = message.strip().splitlines()
-    try:
-        if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as handle:
-                handle.write((lines[0] if lines else "failed")[:1000] + "\n")
-    except OSError:
-        pass
-
-
 def main() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path.insert(0, here)
     os.environ.setdefault("BINCOUNTER_PARAMS", os.path.join(here, "params.yaml"))
     os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in CloudWatch
     sys.argv = ["bincounter", "train", *sys.argv[1:]]
+    from bincounter.aws.container import write_failure  # the package sits beside this script
+
     errors = _ErrorLines(sys.stderr)
     sys.stderr = errors
     try:

@@ -23,6 +23,7 @@ from bincounter.serving.settings import (
     capacity,
     default_image_url,
     model_environment,
+    serverless_config,
     validate,
 )
 
@@ -52,10 +53,10 @@ def deployment_config(config: Config) -> dict:
         "timeout_seconds": 1800,
     }
     if deploy.serverless:
-        options["serverless_config"] = {"MemorySizeInMB": deploy.serverless_memory_mb,
-                                        "MaxConcurrency": deploy.serverless_max_concurrency}
-    if async_inference_config(config):
-        options["async_inference_config"] = async_inference_config(config)
+        options["serverless_config"] = serverless_config(config)
+    asynchronous = async_inference_config(config)
+    if asynchronous:
+        options["async_inference_config"] = asynchronous
     bucket = model_bucket(config, region)
     if bucket:
         options["bucket"] = bucket  # model.tar.gz goes here (else MLflow's default bucket in the region)

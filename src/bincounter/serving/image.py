@@ -227,8 +227,7 @@ def ecr_login(config: Config, repository: str) -> dict[str, str]:
 
 
 def push_image(config: Config, tag: str) -> str:
-    registry_hint = _ECR_URI.match(tag)
-    repository = registry_hint["repo"] if registry_hint else ecr_target(tag, "x")[0]
+    repository, _ = ecr_target(tag, registry="")  # the registry is known only after the login
     login = ecr_login(config, repository)
     _, target = ecr_target(tag, login["registry"])
     _run(["docker", "login", "--username", login["username"], "--password-stdin", login["registry"]],

@@ -57,12 +57,12 @@ def _image_bytes(index: int, value) -> bytes:
         raise _bad(f"row {index}: 'image' is not valid base64") from None
 
 
-def check_request(values: list) -> None:
+def check_request(values: list) -> list[int]:
     """Every row's header before any row is decoded: JPEG or PNG only, at most MAX_IMAGE_PIXELS each and
-    MAX_REQUEST_PIXELS in all (a small file can declare a huge canvas)."""
+    MAX_REQUEST_PIXELS in all (a small file can declare a huge canvas). -> each row's pixels."""
     from bincounter.images import BadImage, image_header
 
-    total = 0
+    pixels, total = [], 0
     for index, value in enumerate(values):
         try:
             _, width, height = image_header(_image_bytes(index, value))
@@ -71,23 +71,25 @@ def check_request(values: list) -> None:
         if width * height > MAX_IMAGE_PIXELS:
             raise _bad(f"row {index}: image is {width}x{height} pixels; "
                        f"at most {MAX_IMAGE_PIXELS / 1e6:g} megapixels per image")
+        pixels.append(width * height)
         total += width * height
         if total > MAX_REQUEST_PIXELS:
             raise _bad(f"the request holds more than {MAX_REQUEST_PIXELS / 1e6:g} megapixels of images "
                        f"(at row {index}); send fewer images per request")
+    return pixels
 
 
-def decode_row(index: int, value, stored_size: int) -> np.ndarray:
-    from bincounter.images import BadImage, decode_and_resize, image_header
+def decode_row(index: int, value, stored_size: int, pixels: int) -> np.ndarray:
+    """One row (already checked by check_request, which measured its `pixels`) as the stored-size array."""
+    from bincounter.images import BadImage, decode_and_resize
 
     data = _image_bytes(index, value)
     try:
-        _, width, height = image_header(data)
         with _DECODE_SLOTS:
             array = decode_and_resize(data, stored_size)
     except BadImage as exc:
         raise _bad(f"row {index}: {exc}") from None
-    if width * height >= _LARGE_PIXELS:
+    if pixels >= _LARGE_PIXELS:
         _release_memory()
     return array
 
@@ -121,8 +123,8 @@ class BinCounterPyfunc(mlflow.pyfunc.PythonModel):
             raise _bad(f"{len(model_input)} images in one request; send at most {MAX_ROWS}")
         stored = self.model_config["stored_size"]
         values = model_input["image"].tolist()
-        check_request(values)
-        arrays = [decode_row(i, v, stored) for i, v in enumerate(values)]
+        pixels = check_request(values)
+        arrays = [decode_row(i, v, stored, n) for i, (v, n) in enumerate(zip(values, pixels))]
         from bincounter.model import count_logits, decode_counts, probabilities
 
         config = self.model_config

@@ -29,6 +29,7 @@ from bincounter.serving.settings import (
     capacity,
     default_image_url,
     model_environment,
+    serverless_config,
 )
 
 SHIFT_TYPES = {"all_at_once": "ALL_AT_ONCE", "canary": "CANARY", "linear": "LINEAR"}
@@ -95,15 +96,12 @@ def _model_bucket(config: Config, region: str) -> str:
 def upload_model(config: Config, model: str | None, region: str, prefix: str) -> tuple[str, str]:
     """The MLflow model as model.tar.gz in S3 (what SageMaker mounts at /opt/ml/model). -> (model URI, s3 URL)"""
     import boto3
-    import mlflow
+
+    from bincounter.serving.image import download_model
 
     uri = model_uri_for(config, model)
-    tracking.setup(config)
     with tempfile.TemporaryDirectory(prefix="bincounter-model-") as scratch:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch))
-        except Exception as exc:  # noqa: BLE001
-            raise BincounterError(f"cannot download model {uri}: {first_line(exc)}") from None
+        local = download_model(config, model, Path(scratch))
         archive = Path(scratch) / "model.tar.gz"
         with tarfile.open(archive, "w:gz") as tar:
             for path in sorted(local.iterdir()):
@@ -137,24 +135,21 @@ def update_endpoint(config: Config, name: str, model: str | None = None, *, poll
     variant = {"VariantName": old_config["ProductionVariants"][0]["VariantName"], "ModelName": model_name,
                "InitialVariantWeight": 1.0}
     if deploy.serverless:
-        variant["ServerlessConfig"] = {"MemorySizeInMB": deploy.serverless_memory_mb,
-                                       "MaxConcurrency": deploy.serverless_max_concurrency}
+        variant["ServerlessConfig"] = serverless_config(config)
     else:
         variant.update({"InstanceType": deploy.instance_type, "InitialInstanceCount": deploy.instance_count})
     config_name = f"{name}-config-{suffix}"[:63]
     request = {"EndpointConfigName": config_name, "ProductionVariants": [variant]}
-    if async_inference_config(config):
-        request["AsyncInferenceConfig"] = async_inference_config(config)
+    asynchronous = async_inference_config(config)
+    if asynchronous:
+        request["AsyncInferenceConfig"] = asynchronous
     sagemaker.create_endpoint_config(**request)
     update = {"EndpointName": name, "EndpointConfigName": config_name}
     if policy:
         update["DeploymentConfig"] = policy
     sagemaker.update_endpoint(**update)
-    shift = "serverless: all at once" if policy is None else (
-        f"{deploy.traffic_shift} {deploy.traffic_step_percent}%" if deploy.traffic_shift != "all_at_once"
-        else "all at once") + (f", rollback on {', '.join(deploy.rollback_alarms)}" if deploy.rollback_alarms else "")
-    print(f"updating endpoint {name} in {region} to {uri} ({capacity(config)}, image {image}; blue/green, {shift})",
-          flush=True)
+    print(f"updating endpoint {name} in {region} to {uri} ({capacity(config)}, image {image}; blue/green, "
+          f"{_shift_words(config, policy)})", flush=True)
     status = _wait_for_update(sagemaker, name, config_name, POLL_SECONDS if poll_seconds is None else poll_seconds)
     if status != "updated":
         raise BincounterError(f"deploy update {name}: {status}; the endpoint keeps serving "
@@ -164,6 +159,15 @@ def update_endpoint(config: Config, name: str, model: str | None = None, *, poll
     sagemaker.delete_endpoint_config(EndpointConfigName=live["EndpointConfigName"])
     print(f"updated endpoint {name}: now {config_name}; deleted {live['EndpointConfigName']} and its model")
     return sagemaker.describe_endpoint(EndpointName=name)
+
+
+def _shift_words(config: Config, policy: dict | None) -> str:
+    deploy = config.deploy
+    if policy is None:
+        return "serverless: all at once"
+    words = "all at once" if deploy.traffic_shift == "all_at_once" else \
+        f"{deploy.traffic_shift} {deploy.traffic_step_percent}%"
+    return words + (f", rollback on {', '.join(deploy.rollback_alarms)}" if deploy.rollback_alarms else "")
 
 
 def _wait_for_update(sagemaker, name: str, config_name: str, poll_seconds: float) -> str:

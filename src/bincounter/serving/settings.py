@@ -15,12 +15,20 @@ ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/.+")
 SNS_ARN = re.compile(r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:.+")
 IMAGE_REPOSITORY = "mlflow-pyfunc"  # what `mlflow sagemaker build-and-push-container` pushes
 SERVERLESS_MEMORY_MB = (1024, 2048, 3072, 4096, 5120, 6144)
+
+
 def model_environment(config: Config) -> dict[str, str]:
     """The container's environment: nothing installed at start, workers and threads from deploy:."""
     env = {"MLFLOW_DISABLE_ENV_CREATION": "true", "MLFLOW_MODELS_WORKERS": str(config.deploy.workers)}
     if config.deploy.threads:
         env["BINCOUNTER_THREADS"] = str(config.deploy.threads)
     return env
+
+
+def serverless_config(config: Config) -> dict:
+    """ServerlessConfig of a serverless endpoint variant."""
+    return {"MemorySizeInMB": config.deploy.serverless_memory_mb,
+            "MaxConcurrency": config.deploy.serverless_max_concurrency}
 
 
 def async_inference_config(config: Config) -> dict | None:
@@ -51,13 +59,9 @@ def validate(config: Config) -> None:
         if deploy.serverless_memory_mb not in SERVERLESS_MEMORY_MB:
             raise BincounterError(f"deploy.serverless_memory_mb must be one of {SERVERLESS_MEMORY_MB}, "
                                   f"got {deploy.serverless_memory_mb}")
-        if not 1 <= deploy.serverless_max_concurrency <= 200:
-            raise BincounterError("deploy.serverless_max_concurrency must be between 1 and 200")
         if deploy.async_output_path:
             raise BincounterError("deploy.serverless and deploy.async_output_path exclude each other: an "
                                   "asynchronous endpoint runs on instances")
-    elif deploy.instance_count < 1:
-        raise BincounterError(f"deploy.instance_count must be at least 1, got {deploy.instance_count}")
     if deploy.async_output_path and not deploy.async_output_path.startswith("s3://"):
         raise BincounterError(f"deploy.async_output_path must be an s3:// prefix, got {deploy.async_output_path!r}")
     for key in ("async_success_topic", "async_error_topic"):

@@ -40,20 +40,26 @@ def nll(probs: np.ndarray, targets: np.ndarray) -> float:
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1.0))))
 
 
-def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, counts: np.ndarray | None = None) -> float:
-    """Mean |accuracy - confidence| over ECE_BINS confidence bins, weighted by the bins' sizes."""
-    if len(targets) == 0:
-        return float("nan")
+def reliability(probs: np.ndarray, targets: np.ndarray, counts: np.ndarray | None = None):
+    """(share of bins, mean confidence, accuracy) of each non-empty one of ECE_BINS confidence bins."""
     counts = probs.argmax(1) if counts is None else counts
     confidence = probs[np.arange(len(counts)), counts]
     correct = counts == targets
     edges = np.linspace(0, 1, ECE_BINS + 1)
-    error = 0.0
+    rows = []
     for low, high in zip(edges[:-1], edges[1:]):
         inside = (confidence > low) & (confidence <= high)
         if inside.any():
-            error += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
-    return float(error)
+            rows.append((inside.mean(), confidence[inside].mean(), correct[inside].mean()))
+    return rows
+
+
+def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, counts: np.ndarray | None = None) -> float:
+    """Mean |accuracy - confidence| over ECE_BINS confidence bins, weighted by the bins' sizes."""
+    if len(targets) == 0:
+        return float("nan")
+    return float(sum(share * abs(accuracy - confidence)
+                     for share, confidence, accuracy in reliability(probs, targets, counts)))
 
 
 def reconcile_threshold(probs: np.ndarray, targets: np.ndarray, counts: np.ndarray,
@@ -79,15 +85,8 @@ def plot_reliability(probs_before: np.ndarray, probs_after: np.ndarray, targets:
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
     for probs, label in ((probs_before, "before"), (probs_after, "after temperature")):
-        counts = probs.argmax(1)
-        confidence, correct = probs[np.arange(len(counts)), counts], counts == targets
-        edges = np.linspace(0, 1, ECE_BINS + 1)
-        xs, ys = [], []
-        for low, high in zip(edges[:-1], edges[1:]):
-            inside = (confidence > low) & (confidence <= high)
-            if inside.any():
-                xs.append(confidence[inside].mean())
-                ys.append(correct[inside].mean())
+        rows = reliability(probs, targets)
+        xs, ys = [confidence for _, confidence, _ in rows], [accuracy for _, _, accuracy in rows]
         ece = expected_calibration_error(probs, targets)
         ax.plot(xs, ys, marker="o", label=f"{label} (ECE {ece:.3f})")
     ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title)

@@ -92,22 +92,18 @@ def run_hpo(config: Config, pinned: set[str] | None = None) -> dict:
     if done:
         print(f"hpo: study {config.hpo.study_name} resumes with {len(done)} finished trials, {remaining} to go")
     previous = _previous_parent(config, study)
-    reopen = previous and not os.environ.get("MLFLOW_RUN_ID")
-    if reopen:
-        os.environ["MLFLOW_RUN_ID"] = previous  # maybe_run -> mlflow.start_run() reopens it (and unsets this)
-    try:
-        with tracking.maybe_run(config, run_name="hpo") as parent, tempfile.TemporaryDirectory() as scratch:
-            if previous and parent.info.run_id != previous:
-                mlflow.set_tag("hpo.resumed_from", previous)
-            study.set_user_attr(PARENT_ATTR, parent.info.run_id)
-            mlflow.set_tags({"hpo.study": config.hpo.study_name, "hpo.objective": config.hpo.objective})
-            objective = objective_fn(config, parent.info.run_id, pinned or set(), Path(scratch))
-            study.optimize(objective, n_trials=remaining, n_jobs=max(1, config.hpo.n_jobs), catch=(Exception,),
-                           show_progress_bar=True, gc_after_trial=True)
-            return summarise(config, study, Path(scratch))
-    finally:
-        if reopen and os.environ.get("MLFLOW_RUN_ID") == previous:  # the run never started: leave no trace
-            del os.environ["MLFLOW_RUN_ID"]
+    # under `mlflow run` the run is MLflow's own (MLFLOW_RUN_ID); otherwise the study's parent continues
+    reopen = previous if previous and not os.environ.get("MLFLOW_RUN_ID") else None
+    with tracking.maybe_run(config, run_name="hpo", resume_run_id=reopen) as parent, \
+            tempfile.TemporaryDirectory() as scratch:
+        if previous and parent.info.run_id != previous:
+            mlflow.set_tag("hpo.resumed_from", previous)
+        study.set_user_attr(PARENT_ATTR, parent.info.run_id)
+        mlflow.set_tags({"hpo.study": config.hpo.study_name, "hpo.objective": config.hpo.objective})
+        objective = objective_fn(config, parent.info.run_id, pinned or set(), Path(scratch))
+        study.optimize(objective, n_trials=remaining, n_jobs=max(1, config.hpo.n_jobs), catch=(Exception,),
+                       show_progress_bar=True, gc_after_trial=True)
+        return summarise(config, study, Path(scratch))
 
 
 def _previous_parent(config: Config, study: optuna.Study) -> str | None:
