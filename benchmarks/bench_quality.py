@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,8 +69,9 @@ def build(root: Path, args):
     from bincounter.data.prepare import prepare
     from bincounter.data.split import split
 
-    ids = merge_sources([Path(s) for s in args.sources], root / "source", args.limit)
-    (root / "manifest.json").write_text(json.dumps(ids))
+    if not (args.reuse and (root / "manifest.json").is_file()):
+        ids = merge_sources([Path(s) for s in args.sources], root / "source", args.limit)
+        (root / "manifest.json").write_text(json.dumps(ids))
     overrides = dict(item.split("=", 1) for item in args.set)
     size = int(overrides.get("train.image_size", 128))
     config = build_config({}, {
@@ -80,6 +82,9 @@ def build(root: Path, args):
         "prepare.workers": args.workers, "train.data_dir": str(root / "prepared"),
         "train.checkpoint_dir": str(root / "ckpt"), "train.epochs": args.epochs, "train.profile_steps": 0,
         "train.num_workers": 1, "train.patience": max(args.epochs, 1), "train.device": "cpu", **overrides})
+    if args.reuse and (root / "prepared" / "meta.json").is_file():
+        print(f"reusing the bins fetched, split and prepared in {root}")
+        return config
     fetch(config.data)
     split(config)
     prepare(config)
@@ -112,6 +117,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="prepare processes")
     parser.add_argument("--baseline", action="store_true", help="also train the seed-style loop on the same bins")
     parser.add_argument("--name", default=None, help="the row's name (default: the recipe)")
+    parser.add_argument("--reuse", default=None, metavar="DIR",
+                        help="keep the merged, split and prepared bins in DIR and reuse them on the next run "
+                             "(same sources, strategy and image size); default: a temporary folder")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "quality-results.md"))
     args = parser.parse_args()
 
@@ -122,7 +130,10 @@ def main() -> None:
     command = "python benchmarks/bench_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+        root = Path(args.reuse or tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in ("model", "ckpt"):
+            shutil.rmtree(root / stale, ignore_errors=True)
         config = build(root, args)
         sizes = {n: len((root / "splits" / f"{n}.csv").read_text().splitlines()) - 1 for n in ("train", "val", "test")}
         name = args.name or f"{tracking.recipe_name(config)} ({args.strategy})"

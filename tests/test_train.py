@@ -410,3 +410,22 @@ def test_supported_architecture_trains_and_evaluates(arch):
     model.eval()
     with torch.no_grad():
         assert model(images).shape == (2, 6)
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_augmentation_never_cuts_an_item_out_of_the_bin(strength):
+    """Four items in the photo's very corners: every augmented view still shows four (a random crop or a
+    rotation without zoom-out would cut some away and make the label wrong)."""
+    from scipy import ndimage
+
+    from bincounter.training.dataset import train_transform
+
+    image = torch.zeros(3, 256, 256, dtype=torch.uint8)
+    for top, left in [(2, 2), (2, 238), (238, 2), (238, 238)]:
+        image[:, top : top + 16, left : left + 16] = 255
+    transform = train_transform(128, strength)
+    torch.manual_seed(0)
+    for _ in range(40):
+        view = transform(image)
+        _, items = ndimage.label(view[0].numpy() > 100)
+        assert items == 4

@@ -5,6 +5,8 @@ Transforms work on uint8 CHW tensors; normalisation lives in the model (model.Bi
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -14,15 +16,25 @@ from bincounter.data.prepare import load_prepared
 from bincounter.model import eval_transform
 
 
+MAX_ROTATION = 10.0  # degrees, at augment strength 1
+
+
 def train_transform(image_size: int, strength: float):
-    """Augmentation suited to bin photos: crops that keep most of the bin, flips (bins have no up/down
-    for counting), mild colour and lighting changes. strength 0 means the eval transform."""
+    """Count-preserving augmentation: nothing may leave the frame, since a cropped-out item changes the
+    label. So no random crop (nor mixup/cutmix): flips (a bin has no up or down for counting), a small
+    rotation inside a zoom-out large enough that the rotated photo's corners stay in the frame, mild
+    colour and lighting changes. strength 0 means the eval transform."""
     if strength <= 0:
         return eval_transform(image_size)
+    degrees = MAX_ROTATION * strength
+    theta = math.radians(degrees)
+    # a square turned by theta fits its own frame once shrunk by 1 / (cos + sin)
+    fits = 1.0 / (math.cos(theta) + math.sin(theta))
     return v2.Compose([
-        v2.RandomResizedCrop(image_size, scale=(1 - 0.5 * strength, 1.0), ratio=(0.8, 1.25), antialias=True),
+        v2.Resize((image_size, image_size), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandomVerticalFlip(),
+        v2.RandomAffine(degrees=degrees, scale=(fits * (1 - 0.1 * strength), fits)),
         v2.ColorJitter(brightness=0.4 * strength, contrast=0.4 * strength, saturation=0.3 * strength),
     ])
 
