@@ -165,6 +165,7 @@ def make_config(root: Path, **overrides):
     base = {
         "data.source": str(FIXTURES), "data.subset": str(write_manifest(root / "manifest.json", fixture_labels())),
         "data.raw_dir": str(root / "data/raw"), "data.workers": 8,
+        "data.catalog": str(root / "data/catalog.parquet"), "data.shard_size": 16,  # several shards of the 48 bins
         "split.out_dir": str(root / "data/splits"), "split.eda_dir": str(root / "data/eda"),
         "prepare.image_size": 72, "prepare.out_dir": str(root / "data/prepared"), "prepare.workers": 1,
         "sync.out": str(root / "data/sync.json"),
@@ -181,13 +182,15 @@ def make_config(root: Path, **overrides):
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
-    """The fixture images fetched, split and prepared once (72 px) for every test that trains."""
+    """The fixture images catalogued, fetched, split and prepared once (72 px) for every test that trains."""
+    from bincounter.data.catalog import build_catalog
     from bincounter.data.fetch import fetch
     from bincounter.data.prepare import prepare
     from bincounter.data.split import split
 
     root = tmp_path_factory.mktemp("prepared")
     config = make_config(root)
+    build_catalog(config.data)
     fetch(config.data)
     split(config)
     prepare(config)
@@ -197,7 +200,8 @@ def prepared(tmp_path_factory):
 def config_on(prepared: Path, root: Path, **overrides):
     """A Config reading the shared prepared data, writing MLflow/checkpoints under root."""
     return make_config(root, **{
-        "data.raw_dir": str(prepared / "data/raw"), "split.out_dir": str(prepared / "data/splits"),
+        "data.raw_dir": str(prepared / "data/raw"), "data.catalog": str(prepared / "data/catalog.parquet"),
+        "split.out_dir": str(prepared / "data/splits"),
         "prepare.out_dir": str(prepared / "data/prepared"), "train.data_dir": str(prepared / "data/prepared"),
         **overrides,
     })

@@ -1,8 +1,10 @@
-"""Stage fetch against a real moto_server bucket laid out like s3://aft-vbi-pds."""
+"""Stage fetch against a real moto_server bucket laid out like s3://aft-vbi-pds: the catalog's query lands in
+tar shards under data/raw/shards/."""
 
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 from pathlib import Path
@@ -11,8 +13,11 @@ import pytest
 from conftest import empty_params, FIXTURES, SOURCE_BUCKET, fixture_labels, make_config, public_read, seed_bucket, write_manifest
 
 from bincounter.cli import main
+from bincounter.data import shards
+from bincounter.data.catalog import build_catalog
+from bincounter.data.fetch import SHARDS, fetch
+from bincounter.data.source import read_manifest
 from bincounter.errors import BincounterError
-from bincounter.data.fetch import fetch, read_manifest
 from bincounter.storage import s3_client
 
 
@@ -21,36 +26,69 @@ def s3_config(tmp_path, ids, **overrides):
                                     "data.subset": str(write_manifest(tmp_path / "m.json", ids)), **overrides})
 
 
-def raw_files(config) -> dict[str, Path]:
-    raw = Path(config.data.raw_dir)
-    return {p.name: p for p in list((raw / "bin-images").iterdir()) + list((raw / "metadata").iterdir())}
+def catalog_and_fetch(config):
+    build_catalog(config.data)
+    return fetch(config.data)
 
 
-def test_fetch_downloads_every_bin_from_s3(aws, tmp_path):
-    ids = seed_bucket()
-    config = s3_config(tmp_path, ids)
-    report = fetch(config.data)
-    assert report.ids_with("ok") == ids
-    assert report.downloaded_files == 2 * len(ids)
+def shard_files(config) -> dict[str, int]:
+    """{shard name: mtime} of the raw shards."""
+    return {p.name: p.stat().st_mtime_ns for p in shards.shards_in(Path(config.data.raw_dir) / SHARDS)}
+
+
+def fetched(config) -> dict[str, bytes]:
+    """Every member of every raw shard: {<id>.jpg or <id>.json: bytes}."""
+    raw = Path(config.data.raw_dir) / SHARDS
+    return {name: data for shard in shards.shards_in(raw) for name, data in shards.iter_members(shard)}
+
+
+def test_fetch_writes_every_bin_into_shards_not_files(aws, tmp_path):
+    labels = fixture_labels()
+    config = s3_config(tmp_path, seed_bucket())
+    ids = sorted(i for i, count in labels.items() if count <= config.data.max_count)  # the catalog's query
+    report = catalog_and_fetch(config)
+    assert sorted(report.ids_with("ok")) == ids
+    members = fetched(config)
     for image_id in ids:
-        assert (Path(config.data.raw_dir) / "bin-images" / f"{image_id}.jpg").read_bytes() == \
-            (FIXTURES / "bin-images" / f"{image_id}.jpg").read_bytes()
-    index = (Path(config.data.raw_dir) / "index.csv").read_text().splitlines()
-    assert index[0] == "image_id,status,reason" and len(index) == len(ids) + 1
+        assert members[f"{image_id}.jpg"] == (FIXTURES / "bin-images" / f"{image_id}.jpg").read_bytes()
+        assert members[f"{image_id}.json"] == (FIXTURES / "metadata" / f"{image_id}.json").read_bytes()
+    raw = Path(config.data.raw_dir)
+    files = sorted(str(p.relative_to(raw)) for p in raw.rglob("*") if p.is_file())
+    assert len(files) == math.ceil(len(ids) / config.data.shard_size) + 1  # the shards and index.csv, no bin files
+    index = (raw / "index.csv").read_text().splitlines()
+    assert index[0] == "image_id,status,reason,count,shard" and len(index) == len(ids) + 1
+    for line in index[1:]:
+        image_id, status, _, count, shard = line.split(",")
+        assert status == "ok" and int(count) == labels[image_id] and f"{image_id}.jpg" in dict(
+            shards.iter_members(raw / SHARDS / shard))
 
 
-def test_rerun_downloads_only_what_is_missing(aws, tmp_path):
+def test_deleting_one_shard_refetches_just_that_shard(aws, tmp_path):
     ids = seed_bucket()
     config = s3_config(tmp_path, ids)
-    fetch(config.data)
-    before = {name: p.stat().st_mtime_ns for name, p in raw_files(config).items()}
-    removed = [f"{i}.jpg" for i in ids[:3]]
-    for name in removed:
-        (Path(config.data.raw_dir) / "bin-images" / name).unlink()
+    catalog_and_fetch(config)
+    before = shard_files(config)
+    victim = sorted(before)[1]
+    bins_in_victim = len(shards.read_index(Path(config.data.raw_dir) / SHARDS / victim)["bins"])
+    (Path(config.data.raw_dir) / SHARDS / victim).unlink()
     report = fetch(config.data)
-    assert report.downloaded_files == 3
-    after = {name: p.stat().st_mtime_ns for name, p in raw_files(config).items()}
-    assert {n for n in after if after[n] != before.get(n)} == set(removed)
+    assert report.shards_written == 1 and report.shards_kept == len(before) - 1
+    assert report.downloaded_files == 2 * bins_in_victim
+    after = shard_files(config)
+    assert set(after) == set(before)
+    assert {n for n in after if after[n] != before[n]} == {victim}
+
+
+def test_a_shard_cut_short_is_fetched_again_never_trusted(aws, tmp_path):
+    ids = seed_bucket()
+    config = s3_config(tmp_path, ids)
+    catalog_and_fetch(config)
+    shard = Path(config.data.raw_dir) / SHARDS / sorted(shard_files(config))[0]
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])  # a copy cut in the middle, under the final name
+    report = fetch(config.data)
+    assert report.shards_written == 1
+    assert shard.read_bytes() == whole  # deterministic: the same bins give the same bytes
 
 
 def test_string_ids_keep_leading_zeros(aws, tmp_path):
@@ -64,32 +102,33 @@ def test_string_ids_keep_leading_zeros(aws, tmp_path):
         client.put_object(Bucket=SOURCE_BUCKET, Key=f"metadata/{image_id}.json",
                           Body=(FIXTURES / "metadata" / f"{source}.json").read_bytes())
     config = s3_config(tmp_path, ["523", "00523"])
-    fetch(config.data)
-    raw = Path(config.data.raw_dir) / "bin-images"
-    assert (raw / "523.jpg").read_bytes() == (FIXTURES / "bin-images" / f"{a}.jpg").read_bytes()
-    assert (raw / "00523.jpg").read_bytes() == (FIXTURES / "bin-images" / f"{b}.jpg").read_bytes()
+    catalog_and_fetch(config)
+    members = fetched(config)
+    assert members["523.jpg"] == (FIXTURES / "bin-images" / f"{a}.jpg").read_bytes()
+    assert members["00523.jpg"] == (FIXTURES / "bin-images" / f"{b}.jpg").read_bytes()
 
 
-def test_bad_objects_are_rejected_with_the_reason(aws, tmp_path):
+def test_bad_photos_are_rejected_with_the_reason_and_kept_out_of_the_shard(aws, tmp_path):
     ids = seed_bucket()
     client = s3_client()
     good = (FIXTURES / "bin-images" / f"{ids[0]}.jpg").read_bytes()
     client.put_object(Bucket=SOURCE_BUCKET, Key=f"bin-images/{ids[0]}.jpg", Body=good[: len(good) // 2])
     client.put_object(Bucket=SOURCE_BUCKET, Key=f"bin-images/{ids[1]}.jpg", Body=b"\xff\xd8garbage" * 50)
-    client.delete_object(Bucket=SOURCE_BUCKET, Key=f"metadata/{ids[2]}.json")
-    client.put_object(Bucket=SOURCE_BUCKET, Key=f"metadata/{ids[3]}.json", Body=b'{"EXPECTED_QUANTITY": ')
-    client.put_object(Bucket=SOURCE_BUCKET, Key=f"metadata/{ids[4]}.json", Body=b'{"BIN_FCSKU_DATA": {}}')
-    config = s3_config(tmp_path, ids + ["nosuchbin"])
-    report = fetch(config.data)
+    client.delete_object(Bucket=SOURCE_BUCKET, Key=f"bin-images/{ids[2]}.jpg")
+    config = s3_config(tmp_path, ids)
+    report = catalog_and_fetch(config)
     reasons = {i: r for i, (s, r) in report.statuses.items() if s == "rejected"}
-    assert set(reasons) == {ids[0], ids[1], ids[2], ids[3], ids[4], "nosuchbin"}
+    assert set(reasons) == {ids[0], ids[1], ids[2]}  # seed_bucket's first ids hold counts the query selects
     assert "corrupt JPEG" in reasons[ids[0]] and reasons[ids[1]] == "not an image"
-    assert reasons[ids[2]] == f"missing from source: metadata/{ids[2]}.json"
-    assert reasons[ids[3]] == "malformed metadata JSON"
-    assert reasons[ids[4]] == "metadata has no EXPECTED_QUANTITY"
-    raw = Path(config.data.raw_dir)
-    assert not (raw / "bin-images" / f"{ids[0]}.jpg").exists()  # nothing broken is kept
-    assert not list(raw.rglob("*.part"))
+    assert reasons[ids[2]] == f"missing from source: bin-images/{ids[2]}.jpg"
+    members = fetched(config)
+    assert not {f"{i}{ext}" for i in ids[:3] for ext in (".jpg", ".json")} & set(members)  # nothing broken kept
+    assert len(members) == 2 * (len(report.statuses) - 3)
+    assert not list(Path(config.data.raw_dir).rglob("*.part"))
+    index = (Path(config.data.raw_dir) / "index.csv").read_text()
+    assert f"{ids[1]},rejected,not an image" in index
+    again = fetch(config.data)  # the rejections are recorded in the shards: a rerun downloads nothing
+    assert again.downloaded_files == 0 and index == (Path(config.data.raw_dir) / "index.csv").read_text()
 
 
 def test_manifest_formats_and_errors(tmp_path):
@@ -108,23 +147,28 @@ def test_manifest_formats_and_errors(tmp_path):
 def test_cli_reports_a_bad_manifest_in_one_line(tmp_path, capsys):
     broken = tmp_path / "broken.json"
     broken.write_text("not json")
-    code = main(["fetch", "--params", empty_params(tmp_path), "--set", f"data.subset={broken}",
-                 "--set", f"data.raw_dir={tmp_path / 'raw'}", "--set", f"data.source={FIXTURES}"])
+    code = main(["catalog", "--params", empty_params(tmp_path), "--set", f"data.subset={broken}",
+                 "--set", f"data.catalog={tmp_path / 'catalog.parquet'}", "--set", f"data.source={FIXTURES}"])
     err = capsys.readouterr().err.strip()
     assert code == 1
     assert err.startswith("error: manifest") and "not valid JSON" in err and "\n" not in err
 
 
-def test_balanced_sampling_finds_per_class(aws, tmp_path):
+def test_fetch_without_a_catalog_says_which_stage_to_run(tmp_path, capsys):
+    code = main(["fetch", "--params", empty_params(tmp_path), "--set", f"data.catalog={tmp_path / 'none.parquet'}",
+                 "--set", f"data.raw_dir={tmp_path / 'raw'}", "--set", f"data.source={FIXTURES}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "catalog" in err and "\n" not in err
+
+
+def test_balanced_query_fetches_per_class(aws, tmp_path):
     seed_bucket()
     config = make_config(tmp_path, **{"data.source": f"s3://{SOURCE_BUCKET}", "data.subset": "balanced",
                                       "data.per_class": 3, "data.max_count": 5})
-    report = fetch(config.data)
+    report = catalog_and_fetch(config)
     labels = fixture_labels()
     chosen = report.ids_with("ok")
     assert sorted(labels[i] for i in chosen) == sorted(list(range(6)) * 3)
-    manifest = json.loads((Path(config.data.raw_dir) / "manifest.json").read_text())
-    assert manifest["ids"] == list(report.statuses)
 
 
 class CuttingProxy:
@@ -182,21 +226,24 @@ class CuttingProxy:
 
 def test_endpoint_going_away_mid_fetch_then_resume(aws, tmp_path, monkeypatch):
     ids = seed_bucket()
+    config = s3_config(tmp_path, ids, **{"data.workers": 4, "data.shard_size": 6})
+    build_catalog(config.data)  # the metadata is catalogued; the endpoint dies while the photos download
     total = sum((FIXTURES / "bin-images" / f"{i}.jpg").stat().st_size for i in ids)
-    proxy = CuttingProxy(aws.port, limit=total // 3)
+    proxy = CuttingProxy(aws.port, limit=total // 2)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
-    config = s3_config(tmp_path, ids, **{"data.workers": 4})
     with pytest.raises(BincounterError, match="rerun to resume"):
         fetch(config.data)
     raw = Path(config.data.raw_dir)
     assert not list(raw.rglob("*.part"))
-    kept = {p.name: p.stat().st_mtime_ns for p in (raw / "bin-images").iterdir()}
-    assert 0 < len(kept) < len(ids)
-    for name in kept:  # whatever survived is whole
-        assert (raw / "bin-images" / name).read_bytes() == (FIXTURES / "bin-images" / name).read_bytes()
+    kept = shard_files(config)
+    assert 0 < len(kept) < math.ceil(len(ids) / 6)
+    members = fetched(config)
+    for name, data in members.items():  # whatever survived is whole
+        folder = "bin-images" if name.endswith(".jpg") else "metadata"
+        assert data == (FIXTURES / folder / name).read_bytes()
     monkeypatch.setenv("AWS_ENDPOINT_URL", aws.url)
     report = fetch(config.data)
-    assert report.ids_with("ok") == ids
-    images_fetched = len(ids) - len(kept)
-    assert report.downloaded_files >= images_fetched
-    assert {p.name: p.stat().st_mtime_ns for p in (raw / "bin-images").iterdir() if p.name in kept} == kept
+    assert sorted(report.ids_with("ok")) == sorted(i for i in report.statuses if f"{i}.jpg" not in members)
+    assert len(members) // 2 + len(report.statuses) == sum(c <= 5 for c in fixture_labels().values())
+    assert report.shards_kept == len(kept)
+    assert {n: t for n, t in shard_files(config).items() if n in kept} == kept

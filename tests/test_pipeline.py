@@ -10,11 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import FIXTURES, fixture_labels, make_config, seed_bucket, write_manifest
 from PIL import Image
 
 from bincounter.images import decode_and_resize
-from bincounter.data.prepare import load_prepared
+from bincounter.data import shards
+from bincounter.data.catalog import read_catalog
+from bincounter.data.prepare import read_labels
 from bincounter.data.split import _cut_sizes, read_split, stratified_split
 from bincounter.storage import s3_client
 from bincounter.data.sync import sync
@@ -44,10 +47,11 @@ def test_split_is_stratified_seeded_and_rejects_with_reasons(prepared):
         sizes = [sum(1 for i in random_splits[s] if usable[i] == count) for s in ("train", "val", "test")]
         assert sizes == _cut_sizes(n, [0.6, 0.2, 0.2])
         assert all(abs(size - n * f) < 1 for size, f in zip(sizes, (0.6, 0.2, 0.2)))
-    rejects = (prepared / "data/splits/rejects.csv").read_text().splitlines()[1:]
+    # bins above data.max_count are catalogued, but the catalog's query never selects them
+    catalog = read_catalog(prepared / "data/catalog.parquet").to_pydict()
     over = {i for i, c in labels.items() if c > 5}
-    assert {r.split(",")[0] for r in rejects} == over
-    assert all("above data.max_count=5" in r for r in rejects)
+    assert over and over <= set(catalog["image_id"])
+    assert (prepared / "data/splits/rejects.csv").read_text().splitlines() == ["image_id,reason"]
 
 
 def test_split_seed_changes_assignment_not_sizes():
@@ -70,13 +74,26 @@ def test_eda_report_is_written(prepared):
     assert (eda / "class_counts.csv").read_text().startswith("count,train,val,test")
 
 
-def test_prepare_stores_each_image_once_resized(prepared):
-    images, ids, counts = load_prepared(prepared / "data/prepared/val")
-    rows = read_split(prepared / "data/splits/val.csv")
-    assert ids == [i for i, _ in rows] and counts.tolist() == [c for _, c in rows]
-    assert images.shape == (len(rows), 72, 72, 3) and images.dtype == np.uint8
-    expected = decode_and_resize((FIXTURES / "bin-images" / f"{ids[0]}.jpg").read_bytes(), 72)
-    assert np.array_equal(images[0], expected)
+def test_prepare_stores_each_photo_once_resized_as_jpeg_in_shards(prepared):
+    from torchvision.io import decode_jpeg
+
+    from bincounter.training.dataset import ShardDataset
+
+    val = prepared / "data/prepared/val"
+    rows = read_labels(val)
+    assert sorted((r[0], r[1]) for r in rows) == sorted(read_split(prepared / "data/splits/val.csv"))
+    dataset = ShardDataset(val, transform=lambda image: image)
+    for k in (0, len(rows) - 1):
+        image, count = dataset[k]
+        expected = decode_and_resize((FIXTURES / "bin-images" / f"{dataset.ids[k]}.jpg").read_bytes(), 72)
+        assert image.shape == (3, 72, 72) and int(count) == rows[k][1]
+        assert np.abs(image.permute(1, 2, 0).numpy().astype(int) - expected).mean() < 4  # JPEG q90 of the same pixels
+        assert torch.equal(decode_jpeg(dataset.jpeg(k)), image)
+    on_disk = {p.name for p in val.iterdir()}
+    assert on_disk == {r[2] for r in rows} | {"labels.csv", "prepared.json"}  # shards, not one file a bin
+    assert len({r[2] for r in rows}) == -(-len(rows) // 16)  # data.shard_size 16 in the tests
+    photo_bytes = sum(r[4] for r in rows)
+    assert photo_bytes / len(rows) < 25_000
     assert json.loads((prepared / "data/prepared/meta.json").read_text())["image_size"] == 72
 
 
@@ -87,10 +104,14 @@ def test_sync_uploads_channels_incrementally(aws, prepared, tmp_path, capsys):
     record = sync(config)
     assert record["channels"] == {ch: f"s3://sm-data/abid/v1/{ch}/" for ch in ("train", "validation", "test")}
     keys = {o["Key"] for o in s3_client().list_objects_v2(Bucket="sm-data")["Contents"]}
-    assert "abid/v1/validation/images.npy" in keys and "abid/v1/train/labels.csv" in keys
-    assert "uploaded 10" in capsys.readouterr().out  # per channel images.npy, labels.csv, prepared.json; meta.json
+    local = prepared / "data/prepared"
+    val_shard = shards.shards_in(local / "val")[0].name
+    assert f"abid/v1/validation/{val_shard}" in keys and "abid/v1/train/labels.csv" in keys
+    files = sum(1 for p in local.rglob("*") if p.is_file())
+    assert len(keys) == files
+    assert f"uploaded {files}" in capsys.readouterr().out
     sync(config)
-    assert "uploaded 0, unchanged 10" in capsys.readouterr().out
+    assert f"uploaded 0, unchanged {files}" in capsys.readouterr().out
     assert json.loads(Path(config.sync.out).read_text()) == record
 
 
@@ -139,7 +160,7 @@ def test_dvc_repro_status_refetch_push_pull(aws, tmp_path):
     s3.create_bucket(Bucket="dvc-store")
     project = _project_copy(tmp_path)
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["data"].update(subset=str(write_manifest(tmp_path / "manifest.json", ids)), workers=8)
+    params["data"].update(subset=str(write_manifest(tmp_path / "manifest.json", ids)), workers=8, shard_size=16)
     params["prepare"].update(image_size=64, workers=1)
     params["sync"]["s3_uri"] = "s3://sm-data/abid"
     (project / "params.yaml").write_text(yaml.safe_dump(params))
@@ -149,14 +170,21 @@ def test_dvc_repro_status_refetch_push_pull(aws, tmp_path):
     for name in ("train", "val", "test"):
         counts.update({name: len(read_split(project / f"data/splits/{name}.csv"))})
     assert sum(counts.values()) == sum(1 for c in fixture_labels().values() if c <= 5)
-    assert (project / "data/prepared/train/images.npy").exists()
+    assert read_labels(project / "data/prepared/train")
     assert json.loads((project / "data/sync.json").read_text())["mode"] == "s3"
     _assert_up_to_date(project)
 
-    for image_id in ids[:2]:
-        (project / "data/raw/bin-images" / f"{image_id}.jpg").unlink()
+    data_files = [p for p in (project / "data").rglob("*") if p.is_file()]
+    assert len(data_files) < 30  # 45 bins: the files grow with shards (of 16), not bins
+    raw_shards = {p.name: p.stat().st_mtime_ns for p in shards.shards_in(project / "data/raw/shards")}
+    assert len(raw_shards) == 3
+    victim = project / "data/raw/shards" / sorted(raw_shards)[1]
+    whole = victim.read_bytes()
+    victim.unlink()
     _run(["dvc", "repro"], project)
-    assert all((project / "data/raw/bin-images" / f"{i}.jpg").exists() for i in ids[:2])
+    assert victim.read_bytes() == whole  # fetched again, byte for byte
+    now = {p.name: p.stat().st_mtime_ns for p in shards.shards_in(project / "data/raw/shards")}
+    assert {n for n in now if now[n] != raw_shards[n]} == {victim.name}  # and only that shard
     _assert_up_to_date(project)
 
     _run(["dvc", "remote", "add", "-d", "store", "s3://dvc-store/cache"], project)
@@ -164,13 +192,14 @@ def test_dvc_repro_status_refetch_push_pull(aws, tmp_path):
     shutil.rmtree(project / "data/prepared")
     shutil.rmtree(project / ".dvc/cache")
     _run(["dvc", "pull"], project)
-    assert load_prepared(project / "data/prepared/test")[0].shape[1:] == (64, 64, 3)
+    assert json.loads((project / "data/prepared/test/prepared.json").read_text())["image_size"] == 64
+    assert read_labels(project / "data/prepared/test")
 
     # an edited manifest is noticed: fetch and the stages after it rerun, the splits follow the new manifest
     dropped = [i for i in ids if fixture_labels()[i] <= 5][:2]
     write_manifest(tmp_path / "manifest.json", [i for i in ids if i not in dropped])
     repro = _run(["dvc", "repro"], project).stdout
-    assert "Running stage 'fetch'" in repro and "Running stage 'split'" in repro
+    assert "Running stage 'catalog'" in repro and "Running stage 'fetch'" in repro and "Running stage 'split'" in repro
     now = {i for name in ("train", "val", "test") for i, _ in read_split(project / f"data/splits/{name}.csv")}
     assert not now & set(dropped) and len(now) == sum(counts.values()) - 2
     _assert_up_to_date(project)

@@ -59,6 +59,12 @@ def _config(args: argparse.Namespace, flags: list[Knob] = ()):
 # ------------------------------------------------------------------ commands
 
 
+def cmd_catalog(args):
+    from bincounter.data.catalog import build_catalog
+
+    build_catalog(_config(args).data)
+
+
 def cmd_fetch(args):
     from bincounter.data.fetch import fetch
 
@@ -210,9 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("fetch", cmd_fetch, "Download the ABID subset (data.subset) from data.source into data/raw/.")
-    add("split", cmd_split, "Label and split data/raw 60/20/20 by count; write the EDA report.")
-    add("prepare", cmd_prepare, "Decode and resize every image once into data/prepared/<split>/images.npy.")
+    add("catalog", cmd_catalog, "Read the source's metadata (data.subset's bins) into data/catalog.parquet.")
+    add("fetch", cmd_fetch, "Download the catalog's query (data.subset, counts, ids) into tar shards in data/raw/.")
+    add("split", cmd_split, "Label and split the fetched bins 60/20/20 by count; write the EDA report.")
+    add("prepare", cmd_prepare, "Resize every photo once into JPEG shards in data/prepared/<split>/.")
     add("sync", cmd_sync, "Upload the prepared splits to sync.s3_uri as SageMaker channels.")
 
     p = add("train", cmd_train, "Train a bin counter and log it to MLflow (train.backend: local or sagemaker).")

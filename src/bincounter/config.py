@@ -36,14 +36,20 @@ def knob(default: Any, help: str, *, choices: tuple | None = None, min: float | 
 @dataclass
 class DataConfig:
     source: str = knob("s3://aft-vbi-pds", "s3://bucket[/prefix] or a local folder laid out like the bucket")
-    subset: str = knob("data/file_list.json", "a manifest (Udacity file_list.json, JSON list, one id per line) "
-                       "or 'balanced'")
+    subset: str = knob("data/file_list.json", "a manifest (Udacity file_list.json, JSON list, one id per line), "
+                       "'balanced' (per_class bins of each count) or 'all' (every catalogued bin)")
     per_class: int = knob(200, "with subset=balanced: bins wanted of each count", min=1)
     max_count: int = knob(5, "largest count the model predicts (classes 0..max_count)", min=1, max=1000)
-    max_candidates: int = knob(50000, "with subset=balanced: metadata files read at most", min=1)
+    max_candidates: int = knob(50000, "with subset=balanced or all: metadata files catalogued at most "
+                               "(0 = the whole bucket)", min=0)
     seed: int = knob(0, "with subset=balanced: sampling order")
+    min_count: int = knob(0, "smallest count selected from the catalog", min=0, max=1000)
+    id_range: str = knob("", "only ids in this numeric range, e.g. 1-20000 (empty = any id)")
+    max_bins: int = knob(0, "at most this many bins, a seeded sample of the query (0 = no limit)", min=0)
     workers: int = knob(32, "concurrent downloads", min=1, max=512)
-    raw_dir: str = knob("data/raw", "where fetched bins are stored")
+    catalog: str = knob("data/catalog.parquet", "the metadata catalog (one row per catalogued bin)")
+    shard_size: int = knob(1000, "bins per shard of fetched and of prepared data", min=1, max=1000000)
+    raw_dir: str = knob("data/raw", "where fetched bins are stored (tar shards)")
 
     @property
     def num_classes(self) -> int:
@@ -63,9 +69,10 @@ class SplitConfig:
 
 @dataclass
 class PrepareConfig:
-    image_size: int = knob(256, "stored square size; training resizes or crops train.image_size out of it",
+    image_size: int = knob(256, "stored square size; training resizes train.image_size out of it",
                            min=16, max=2048)
-    out_dir: str = knob("data/prepared", "prepared arrays, one folder per split")
+    jpeg_quality: int = knob(90, "JPEG quality of the prepared images", min=50, max=100)
+    out_dir: str = knob("data/prepared", "prepared shards, one folder per split")
     workers: int = knob(0, "decoding processes; 0 = one per core", min=0, max=256)
 
 
@@ -101,6 +108,8 @@ class TrainConfig:
     patience: int = knob(4, "early stopping: epochs without a better validation macro_accuracy", min=1)
     num_workers: int = knob(-1, "data loader workers; -1 = auto", min=-1, max=256)
     device: str = knob("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"), remote=False)
+    jpeg_decoder: str = knob("auto", "where training decodes the prepared JPEGs: auto (the GPU when training "
+                             "on one) | cpu (loader workers) | gpu (nvJPEG)", choices=("auto", "cpu", "gpu"))
     precision: str = knob("auto", "auto | bf16 | fp32 (auto: bf16 where the chip computes it natively)",
                           choices=("auto", "bf16", "fp32"))
     decode: str = knob("argmax", "how a count is read from the probabilities: argmax (the most likely) | "
@@ -412,7 +421,21 @@ def validate(config: Config) -> None:
     if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise BincounterError(f"split.fractions must be three positive numbers (train, val, test) summing to 1, "
                               f"got {fractions}")
+    if config.data.min_count > config.data.max_count:
+        raise BincounterError(f"data.min_count ({config.data.min_count}) is above data.max_count "
+                              f"({config.data.max_count})")
+    id_range(config.data.id_range)
     search_space(config.hpo.space)
+
+
+def id_range(text: str) -> tuple[int, int] | None:
+    """data.id_range "LOW-HIGH" (inclusive, numeric ids) -> (low, high); "" -> None (any id)."""
+    if not text:
+        return None
+    low, sep, high = text.partition("-")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit() or int(low) > int(high):
+        raise BincounterError(f"data.id_range must be LOW-HIGH with LOW <= HIGH (e.g. 1-20000), got {text!r}")
+    return int(low), int(high)
 
 
 def _check_knob(key: str, value: Any, spec: Any) -> None:

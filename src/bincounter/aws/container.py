@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from bincounter.config import Config, hyperparameter_keys, with_overrides
-from bincounter.data.prepare import IMAGES_FILE, verify_prepared
+from bincounter.data.prepare import LABELS_FILE, verify_prepared
 from bincounter.errors import BincounterError, first_line
 
 CHECKPOINT_DIR = "/opt/ml/checkpoints"  # SageMaker syncs it with CheckpointConfig.S3Uri; SM_CHECKPOINT_DIR overrides
@@ -55,8 +55,8 @@ def apply(config: Config) -> tuple[Config, dict[str, Path], Path, Path]:
         "test": Path(os.environ.get("SM_CHANNEL_TEST", "")),
     }
     for name, path in data_dirs.items():
-        if not (path / IMAGES_FILE).exists():
-            raise BincounterError(f"channel {name} ({path}) has no {IMAGES_FILE}: check the job's input channels")
+        if not (path / LABELS_FILE).exists():
+            raise BincounterError(f"channel {name} ({path}) has no {LABELS_FILE}: check the job's input channels")
     verify_prepared(data_dirs)  # the channels come from one prepare run
     model_dir = Path(os.environ["SM_MODEL_DIR"])
     data_output = Path(os.environ.get("SM_OUTPUT_DATA_DIR", model_dir / "output"))

@@ -6,6 +6,7 @@ image_sizes.png and samples.png (a grid of sample photos per count).
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from collections import Counter
@@ -18,16 +19,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bincounter.config import Config  # noqa: E402
-from bincounter.data.fetch import IMAGES  # noqa: E402
+from bincounter.data import shards  # noqa: E402
+from bincounter.data.fetch import SHARDS, read_index  # noqa: E402
 
 
 def write_report(config: Config, splits: dict[str, list[str]], labels: dict[str, int], rejects: dict[str, str]):
     eda_dir = Path(config.split.eda_dir)
     eda_dir.mkdir(parents=True, exist_ok=True)
-    raw_images = Path(config.data.raw_dir) / IMAGES
+    raw_dir = Path(config.data.raw_dir)
+    shard_of = _shard_of(raw_dir)
     classes = list(range(config.data.max_count + 1))
     counts = {name: Counter(labels[i] for i in ids) for name, ids in splits.items()}
-    sizes = [_size(raw_images / f"{i}.jpg") for i in sorted(labels)]
+    sizes = _sizes(raw_dir, shard_of, set(labels))
 
     rows = [f"count,{','.join(splits)}"] + [f"{c},{','.join(str(counts[s][c]) for s in splits)}" for c in classes]
     (eda_dir / "class_counts.csv").write_text("\n".join(rows) + "\n")
@@ -50,12 +53,20 @@ def write_report(config: Config, splits: dict[str, list[str]], labels: dict[str,
                                         if config.split.strategy == "grouped" else "")
     _plot_class_balance(eda_dir / "class_balance.png", counts, classes, strategy)
     _plot_sizes(eda_dir / "image_sizes.png", widths, heights)
-    _plot_samples(eda_dir / "samples.png", labels, raw_images, classes, seed=config.split.seed)
+    _plot_samples(eda_dir / "samples.png", labels, raw_dir, shard_of, classes, seed=config.split.seed)
 
 
-def _size(path: Path) -> tuple[int, int]:
-    with Image.open(path) as image:  # reads the header only
-        return image.size
+def _shard_of(raw_dir: Path) -> dict[str, str]:
+    return {row["image_id"]: row["shard"] for row in read_index(raw_dir) if row["status"] == "ok"}
+
+
+def _sizes(raw_dir: Path, shard_of: dict[str, str], wanted: set[str]) -> list[tuple[int, int]]:
+    """Photo sizes as fetch measured them, from each shard's index (no photo is read again)."""
+    sizes = []
+    for name in sorted({shard_of[i] for i in wanted}):
+        recorded = shards.read_index(raw_dir / SHARDS / name)["bins"]
+        sizes += [tuple(recorded[i][3]) for i in sorted(recorded) if i in wanted and recorded[i][3]]
+    return sizes
 
 
 def _median(values: list[int]) -> float:
@@ -92,7 +103,8 @@ def _plot_sizes(path: Path, widths: list[int], heights: list[int]) -> None:
     plt.close(fig)
 
 
-def _plot_samples(path: Path, labels: dict[str, int], raw_images: Path, classes: list[int], seed: int, per=4):
+def _plot_samples(path: Path, labels: dict[str, int], raw_dir: Path, shard_of: dict[str, str], classes: list[int],
+                  seed: int, per=4):
     rng = random.Random(seed)
     fig, axes = plt.subplots(len(classes), per, figsize=(per * 2.2, len(classes) * 2.2), squeeze=False)
     for row, count in enumerate(classes):
@@ -102,7 +114,8 @@ def _plot_samples(path: Path, labels: dict[str, int], raw_images: Path, classes:
             ax = axes[row][col]
             ax.axis("off")
             if col < len(picks):
-                with Image.open(raw_images / f"{picks[col]}.jpg") as image:
+                photo = shards.read_member(raw_dir / SHARDS / shard_of[picks[col]], f"{picks[col]}.jpg")
+                with Image.open(io.BytesIO(photo)) as image:
                     image.draft("RGB", (200, 200))
                     ax.imshow(image.convert("RGB"))
                 ax.set_title(f"count {count} · {picks[col]}", fontsize=8)

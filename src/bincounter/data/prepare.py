@@ -1,13 +1,17 @@
-"""Stage 3, prepare: decode and resize each image once into one uint8 array per split.
+"""Stage 4, prepare: decode and resize each photo once into compressed training shards, one folder per split.
 
-data/prepared/<split>/images.npy is (N, S, S, 3) uint8, S = prepare.image_size, loaded with mmap so
-training never decodes a JPEG; labels.csv holds image_id,count in the same row order. The folders
-train/, val/, test/ are the SageMaker channels train/validation/test.
+data/prepared/<split>/<split>-NNNNN-<digest>.tar holds <id>.jpg, the photo squashed to prepare.image_size
+square and re-encoded as JPEG (prepare.jpeg_quality): about 15 kB a bin at 256 px instead of 196 kB as raw
+pixels, so the whole dataset fits a training instance's disk and streams from S3. labels.csv holds
+image_id,count,shard,offset,size: the loader reads one photo with one pread and decodes it in its workers
+(or on the GPU). The folders train/, val/, test/ are the SageMaker channels train/validation/test.
 """
 
 from __future__ import annotations
 
+import csv
 import ctypes
+import io
 import json
 import os
 import signal
@@ -16,29 +20,37 @@ import uuid
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from bincounter.config import Config, file_sha256
-from bincounter.errors import BincounterError, first_line
-from bincounter.data.fetch import IMAGES
-from bincounter.images import BadImage, decode_and_resize
+from bincounter.errors import BincounterError
+from bincounter.data import shards
+from bincounter.data.fetch import SHARDS, read_index
 from bincounter.data.split import SPLITS, read_split
-from bincounter.files import atomic_path, remove_partials, write_csv, write_text
+from bincounter.images import BadImage, decode_and_resize
+from bincounter.files import remove_partials, safe_name, write_csv, write_text
 
-IMAGES_FILE = "images.npy"
 LABELS_FILE = "labels.csv"
+LABEL_COLUMNS = ["image_id", "count", "shard", "offset", "size"]
 META_FILE = "meta.json"
 PREPARED_FILE = "prepared.json"  # written last in each split folder: which prepare run made it, from which CSV
 PR_SET_PDEATHSIG = 1
 
 
-def _load(args: tuple[str, int]) -> np.ndarray | str:
-    path, size = args
-    try:
-        return decode_and_resize(Path(path).read_bytes(), size)
-    except (BadImage, OSError) as exc:
-        return f"{Path(path).stem}: {exc}"
+def _resize_shard(job: tuple[str, list[str], int, int]) -> list[tuple[str, bytes | str]]:
+    """Pool worker: the wanted photos of one raw shard, resized and re-encoded; a one-line reason when bad."""
+    path, wanted, size, quality = job
+    out = {}
+    for name, data in shards.iter_members(Path(path), {f"{i}.jpg" for i in wanted}):
+        image_id = name[: -len(".jpg")]
+        try:
+            buffer = io.BytesIO()
+            Image.fromarray(decode_and_resize(data, size)).save(buffer, "JPEG", quality=quality)
+            out[image_id] = buffer.getvalue()
+        except (BadImage, OSError) as exc:
+            out[image_id] = f"{image_id}: {exc}"
+    return [(i, out.get(i, f"{i}: not in {Path(path).name}")) for i in wanted]
 
 
 def _die_with_parent() -> None:
@@ -50,69 +62,116 @@ def _die_with_parent() -> None:
         pass
 
 
-def prepare_split(rows: list[tuple[str, int]], raw_images: Path, out_dir: Path, size: int, workers: int) -> None:
-    jobs = [(str(raw_images / f"{image_id}.jpg"), size) for image_id, _ in rows]
-    with atomic_path(out_dir / IMAGES_FILE) as tmp:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rows), size, size, 3))
-        with ProcessPoolExecutor(workers, initializer=_die_with_parent) as pool:
-            results = pool.map(_load, jobs, chunksize=16)
-            for k, result in enumerate(tqdm(results, total=len(jobs), desc=f"prepare {out_dir.name}", unit="img")):
+def prepare_split(rows: list[tuple[str, int]], raw_dir: Path, out_dir: Path, size: int, quality: int,
+                  shard_size: int, workers: int) -> int:
+    """Write one split's shards and labels.csv; -> bytes of photos written. Raw shards are read in order,
+    one per worker task, and output shards are flushed as they fill: memory holds one shard, whatever the split."""
+    shard_of = {row["image_id"]: row["shard"] for row in read_index(raw_dir) if row["status"] == "ok"}
+    counts = dict(rows)
+    missing = [i for i in counts if i not in shard_of]
+    if missing:
+        raise BincounterError(f"cannot prepare {missing[0]}: not in fetch's index (rerun `dvc repro fetch`)")
+    by_shard: dict[str, list[str]] = {}
+    for image_id, _ in rows:
+        by_shard.setdefault(shard_of[image_id], []).append(image_id)
+    jobs = [(str(raw_dir / SHARDS / name), ids, size, quality) for name, ids in sorted(by_shard.items())]
+    writer = _ShardWriter(out_dir, shard_size)
+    with ProcessPoolExecutor(workers, initializer=_die_with_parent) as pool, \
+            tqdm(total=len(rows), desc=f"prepare {out_dir.name}", unit="img") as bar:
+        for results in pool.map(_resize_shard, jobs):
+            for image_id, result in results:
                 if isinstance(result, str):
                     raise BincounterError(f"cannot prepare {result} (rerun fetch to repair data/raw)")
-                array[k] = result
-        array.flush()
-        del array
-    write_csv(out_dir / LABELS_FILE, ["image_id", "count"], rows)
+                writer.add(image_id, counts[image_id], result)
+                bar.update()
+    writer.close()
+    write_csv(out_dir / LABELS_FILE, LABEL_COLUMNS, writer.labels)
+    return writer.bytes
+
+
+class _ShardWriter:
+    """Buffers at most one shard of prepared photos and writes it whole."""
+
+    def __init__(self, out_dir: Path, shard_size: int):
+        self.out_dir, self.shard_size = out_dir, shard_size
+        self.pending: list[tuple[str, int, bytes]] = []
+        self.labels: list[tuple] = []
+        self.bytes = self.number = 0
+
+    def add(self, image_id: str, count: int, data: bytes) -> None:
+        self.pending.append((image_id, count, data))
+        if len(self.pending) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        name = shards.shard_name(self.out_dir.name, self.number, (f"{i}:{len(d)}" for i, _, d in self.pending))
+        path = self.out_dir / name
+        shards.write_shard(path, ((f"{i}.jpg", d) for i, _, d in self.pending),
+                           {"bins": {i: c for i, c, _ in self.pending}})
+        where = shards.locate(path)
+        self.labels += [(i, c, name, *where[f"{i}.jpg"]) for i, c, _ in self.pending]
+        self.bytes += sum(len(d) for _, _, d in self.pending)
+        self.number += 1
+        self.pending = []
+
+    def close(self) -> None:
+        self.flush()
 
 
 def prepare(config: Config) -> dict[str, float]:
-    size = config.prepare.image_size
-    out_root = Path(config.prepare.out_dir)
-    raw_images = Path(config.data.raw_dir) / IMAGES
+    size, quality = config.prepare.image_size, config.prepare.jpeg_quality
+    out_root, raw_dir = Path(config.prepare.out_dir), Path(config.data.raw_dir)
     workers = config.prepare.workers or os.cpu_count() or 1
-    start, total = time.perf_counter(), 0
+    start, total, stored = time.perf_counter(), 0, 0
     generation = uuid.uuid4().hex  # one prepare run: training refuses splits from different runs
     shas = {}
     for name in SPLITS:
         split_csv = Path(config.split.out_dir) / f"{name}.csv"
         if not split_csv.exists():
             raise BincounterError(f"{split_csv} not found: run the split stage first (dvc repro split)")
-        (out_root / name / PREPARED_FILE).unlink(missing_ok=True)  # a split being rewritten is never complete
-        if (out_root / name).is_dir():
-            remove_partials(out_root / name)  # what a killed prepare left
+        out_dir = out_root / name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / PREPARED_FILE).unlink(missing_ok=True)  # a split being rewritten is never complete
+        remove_partials(out_dir)  # what a killed prepare left
+        shards.remove_stale(out_dir, keep=set())
         rows = read_split(split_csv)
-        prepare_split(rows, raw_images, out_root / name, size, workers)
+        stored += prepare_split(rows, raw_dir, out_dir, size, quality, config.data.shard_size, workers)
         shas[name] = file_sha256(split_csv)
         record = {"generation": generation, "split_csv_sha256": shas[name], "rows": len(rows), "image_size": size}
-        write_text(out_root / name / PREPARED_FILE, json.dumps(record, indent=2) + "\n")
+        write_text(out_dir / PREPARED_FILE, json.dumps(record, indent=2) + "\n")
         total += len(rows)
     seconds = time.perf_counter() - start
-    meta = {"image_size": size, "max_count": config.data.max_count, "layout": "NHWC uint8 RGB",
-            "generation": generation, "split_csv_sha256": shas}
+    meta = {"image_size": size, "max_count": config.data.max_count, "format": f"tar shards of {size}px JPEG",
+            "jpeg_quality": quality, "generation": generation, "split_csv_sha256": shas}
     write_text(out_root / META_FILE, json.dumps(meta, indent=2) + "\n")
-    stats = {"images": total, "seconds": seconds, "images_per_s_per_core": total / seconds / workers,
-             "bytes_per_image": size * size * 3}
+    stats = {"images": total, "seconds": seconds, "images_per_s_per_core": total / max(seconds, 1e-9) / workers,
+             "bytes_per_image": stored / max(total, 1)}
     print(f"prepare: {total} images at {size}x{size} in {seconds:.1f}s "
-          f"({stats['images_per_s_per_core']:.0f} images/s/core, {stats['bytes_per_image']} bytes/image)")
+          f"({stats['images_per_s_per_core']:.0f} images/s/core, {stats['bytes_per_image'] / 1e3:.1f} kB a bin)")
     return stats
 
 
-def load_prepared(split_dir: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """-> (images mmap (N,S,S,3) uint8, image ids, counts int64) of one prepared split/channel."""
+def read_labels(split_dir: str | os.PathLike) -> list[tuple[str, int, str, int, int]]:
+    """(image_id, count, shard, offset, size) rows of one prepared split/channel, checked against its shards'
+    names; a one-line error for a folder that is not prepared data."""
     split_dir = Path(split_dir)
-    images_path = split_dir / IMAGES_FILE
-    if not images_path.exists():
-        raise BincounterError(f"{images_path} not found: run `dvc repro` (prepare stage) first")
+    path = split_dir / LABELS_FILE
+    if not path.exists():
+        raise BincounterError(f"{path} not found: run `dvc repro` (prepare stage) first")
     try:
-        images = np.load(images_path, mmap_mode="r")
-    except (ValueError, OSError) as exc:
-        raise BincounterError(f"{images_path} is damaged ({first_line(exc)}); rerun `dvc repro prepare`") from None
-    if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
-        raise BincounterError(f"{images_path} is not prepared images (N, S, S, 3) uint8; rerun `dvc repro prepare`")
-    rows = read_split(split_dir / LABELS_FILE)
-    if len(rows) != len(images):
-        raise BincounterError(f"{split_dir}: {len(images)} images but {len(rows)} labels; rerun prepare")
-    return images, [r[0] for r in rows], np.array([r[1] for r in rows], dtype=np.int64)
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = [(safe_name(r["image_id"]), int(r["count"]), safe_name(r["shard"]), int(r["offset"]), int(r["size"]))
+                    for r in csv.DictReader(handle)]
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError, csv.Error):
+        raise BincounterError(f"{path} is not prepared labels ({','.join(LABEL_COLUMNS)}); "
+                              "rerun `dvc repro prepare`") from None
+    present = {p.name for p in shards.shards_in(split_dir)}
+    absent = sorted({r[2] for r in rows} - present)
+    if absent:
+        raise BincounterError(f"{split_dir}: shard {absent[0]} is missing; rerun `dvc repro prepare`")
+    return rows
 
 
 def verify_prepared(split_dirs: dict[str, Path], splits_dir: str | os.PathLike | None = None) -> None:

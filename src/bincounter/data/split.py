@@ -1,4 +1,4 @@
-"""Stage 2, split: label each fetched bin with EXPECTED_QUANTITY and split it 60/20/20, stratified by count.
+"""Stage 3, split: label each fetched bin with EXPECTED_QUANTITY and split it 60/20/20, stratified by count.
 
 Writes data/splits/{train,val,test}.csv (image_id,count) and rejects.csv (image_id,reason), then the
 EDA report (see eda.py). Ids stay strings: '523' and '00523' are different bins.
@@ -17,45 +17,32 @@ from bincounter.config import Config
 from bincounter import files
 from bincounter.files import write_csv
 from bincounter.errors import BincounterError
-from bincounter.data.fetch import IMAGES, INDEX, METADATA
-from bincounter.images import read_count
+from bincounter.data.fetch import INDEX, SHARDS, read_index
 
 SPLITS = ("train", "val", "test")
 
 
-def read_index(raw_dir: Path) -> list[tuple[str, str, str]]:
-    path = raw_dir / INDEX
-    if not path.exists():
-        raise BincounterError(f"{path} not found: run the fetch stage first (dvc repro fetch)")
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            return [(r["image_id"], r["status"], r["reason"] or "") for r in csv.DictReader(handle)]
-    except (KeyError, TypeError, UnicodeDecodeError, csv.Error):
-        raise BincounterError(f"{path} is not fetch's index (image_id,status,reason): rerun the fetch stage") from None
-
-
 def label(raw_dir: Path, max_count: int) -> tuple[dict[str, int], dict[str, str]]:
-    """-> ({image_id: count} for usable bins, {image_id: reason} for rejected ones)."""
+    """-> ({image_id: count} for usable bins, {image_id: reason} for rejected ones), from fetch's index
+    (the count was read from each bin's metadata when it was fetched and verified)."""
     labels: dict[str, int] = {}
     rejects: dict[str, str] = {}
-    for image_id, status, reason in read_index(raw_dir):
-        if status != "ok":
-            rejects[image_id] = reason or status
+    for row in read_index(raw_dir):
+        image_id = row["image_id"]
+        if row["status"] != "ok":
+            rejects[image_id] = row["reason"] or row["status"]
             continue
         try:
             files.safe_name(image_id)
         except files.UnsafeName as exc:
             rejects[image_id] = str(exc)
             continue
-        if not (raw_dir / IMAGES / f"{image_id}.jpg").exists():
-            rejects[image_id] = "image missing from data/raw (rerun fetch)"
-            continue
-        try:
-            count = read_count(raw_dir / METADATA / f"{image_id}.json")
-        except ValueError as exc:
-            rejects[image_id] = str(exc)
-            continue
-        if count > max_count:
+        count = int(row["count"]) if (row["count"] or "").isdigit() else None
+        if count is None:
+            rejects[image_id] = f"count {row['count']!r} in {INDEX} is not a number (rerun fetch)"
+        elif not (raw_dir / SHARDS / row["shard"]).is_file():
+            rejects[image_id] = f"shard {row['shard']} missing from data/raw (rerun fetch)"
+        elif count > max_count:
             rejects[image_id] = f"count {count} above data.max_count={max_count}"
         else:
             labels[image_id] = count

@@ -1,19 +1,31 @@
-"""Datasets over the prepared uint8 arrays, and the transforms that turn them into model input.
+"""The dataset over prepared shards, the DDP sampler that deals whole shards to ranks, and the transforms
+that turn photos into model input.
 
 Transforms work on uint8 CHW tensors; normalisation lives in the model (model.BinCounterNet).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import random
+import warnings
+from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
-from bincounter.data.prepare import load_prepared
+from bincounter.data.prepare import PREPARED_FILE, read_labels
+from bincounter.errors import BincounterError
 from bincounter.model import eval_transform
+
+# torchvision 0.29 marks its JPEG decoder deprecated in favour of TorchCodec, which has no batched nvJPEG
+# decode of in-memory bytes yet; torchvision's stays the one that decodes on the GPU, so its notice is muted.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 
 MAX_ROTATION = 10.0  # degrees, at augment strength 1
@@ -39,28 +51,95 @@ def train_transform(image_size: int, strength: float):
     ])
 
 
-class PreparedDataset(Dataset):
-    """One prepared split. The array is memory-mapped, and re-opened in each loader worker rather than
-    pickled to it (pickling a memmap copies the whole array)."""
+class ShardDataset(Dataset):
+    """One prepared split. labels.csv says where each photo's JPEG lies in its shard; an item is one pread.
+    The JPEG is decoded here, in the loader worker (CPU), or, with on_device, handed over as bytes for
+    `batch_to` to decode the whole batch on the GPU (nvJPEG) and augment it there, when the CPU would
+    otherwise starve the GPU."""
 
-    def __init__(self, split_dir, transform):
-        self.split_dir = split_dir
-        self._images, self.ids, counts = load_prepared(split_dir)
-        self.counts = torch.from_numpy(counts)
-        self.transform = transform
+    def __init__(self, split_dir, transform, on_device: bool = False):
+        self.split_dir = Path(split_dir)
+        rows = read_labels(self.split_dir)
+        self.ids = [r[0] for r in rows]
+        self.counts = torch.tensor([r[1] for r in rows], dtype=torch.int64)
+        self.shards = [r[2] for r in rows]
+        self.where = [(r[3], r[4]) for r in rows]
+        self.transform, self.on_device = transform, on_device
+        self.stored_size = _stored_size(self.split_dir)
+        self._files: dict[str, int] = {}
+        self._pid = os.getpid()
 
-    def __getstate__(self):
-        return {**self.__dict__, "_images": None}
-
-    @property
-    def images(self) -> np.ndarray:
-        if self._images is None:
-            self._images = load_prepared(self.split_dir)[0]
-        return self._images
+    def __getstate__(self):  # loader workers open their own file descriptors
+        return {**self.__dict__, "_files": {}}
 
     def __len__(self) -> int:
         return len(self.counts)
 
+    def jpeg(self, index: int) -> torch.Tensor:
+        if self._pid != os.getpid():
+            self._files, self._pid = {}, os.getpid()
+        name = self.shards[index]
+        if name not in self._files:
+            self._files[name] = os.open(self.split_dir / name, os.O_RDONLY)
+        offset, size = self.where[index]
+        return torch.frombuffer(bytearray(os.pread(self._files[name], size, offset)), dtype=torch.uint8)
+
     def __getitem__(self, index: int):
-        image = torch.from_numpy(np.array(self.images[index])).permute(2, 0, 1)  # copy out of the read-only mmap
-        return self.transform(image), self.counts[index]
+        data = self.jpeg(index)
+        if self.on_device:
+            return data, self.counts[index]
+        return self.transform(decode_jpeg(data, mode=ImageReadMode.RGB)), self.counts[index]
+
+    def batch_to(self, images, device: torch.device) -> torch.Tensor:
+        """The loader's batch as model input on device: moved as it is, or decoded and augmented there."""
+        if not self.on_device:
+            return images.to(device, non_blocking=True)
+        decoded = decode_jpeg(list(images), mode=ImageReadMode.RGB, device=device)
+        return torch.stack([self.transform(image) for image in decoded])
+
+    def collate(self, batch):
+        """Stacks decoded photos; keeps JPEG bytes (of different lengths) as a list for batch_to."""
+        if not self.on_device:
+            return torch.utils.data.default_collate(batch)
+        return [b[0] for b in batch], torch.stack([b[1] for b in batch])
+
+
+def _stored_size(split_dir: Path) -> int:
+    try:
+        return int(json.loads((split_dir / PREPARED_FILE).read_text())["image_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise BincounterError(f"{split_dir} has no readable {PREPARED_FILE}: rerun `dvc repro prepare`") from None
+
+
+class ShardSampler(Sampler):
+    """DDP: every rank reads whole shards no other rank reads (dealt round-robin in a seeded order that
+    changes each epoch) and walks their bins shuffled. An epoch covers every training bin once; a rank
+    dealt fewer bins repeats a few of its own, since DDP needs every rank to take the same number of steps."""
+
+    def __init__(self, shard_of_item: list[str], world: int, rank: int, seed: int):
+        self.world, self.rank, self.seed, self.epoch = world, rank, seed, 0
+        self.groups: dict[str, list[int]] = {}
+        for index, name in enumerate(shard_of_item):
+            self.groups.setdefault(name, []).append(index)
+        if len(self.groups) < world:
+            raise BincounterError(f"{len(self.groups)} training shards cannot feed {world} ranks: lower "
+                                  "data.shard_size and rerun `dvc repro prepare`")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _dealt(self) -> tuple[list[list[int]], random.Random]:
+        rng = random.Random(self.seed + self.epoch)
+        names = sorted(self.groups)
+        rng.shuffle(names)
+        return [[i for n in names[r :: self.world] for i in self.groups[n]] for r in range(self.world)], rng
+
+    def __iter__(self):
+        dealt, rng = self._dealt()
+        mine = dealt[self.rank]
+        rng.shuffle(mine)
+        longest = max(map(len, dealt))
+        return iter(mine + [mine[k % len(mine)] for k in range(longest - len(mine))] if mine else [])
+
+    def __len__(self) -> int:
+        return max(map(len, self._dealt()[0]))

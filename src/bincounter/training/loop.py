@@ -24,7 +24,7 @@ from bincounter.config import Config, TrainConfig
 from bincounter.errors import BincounterError
 from bincounter.model import BinCounterNet, build_model, eval_transform
 from bincounter.training.checkpoints import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from bincounter.training.dataset import PreparedDataset, train_transform
+from bincounter.training.dataset import ShardDataset, ShardSampler, train_transform
 from bincounter.training.loss import CountLoss, class_weights, make_loss
 from bincounter.training.metrics import EPOCH_KEYS, counting_metrics
 from bincounter.training.profiling import RunHistory, StepTimer, TraceRecorder, gpu_utilization_sample
@@ -109,31 +109,46 @@ def auto_workers(requested: int) -> int:
 # ------------------------------------------------------------------ data
 
 
-def make_loaders(cfg: TrainConfig, data_dirs: dict[str, Path], world: int, rank: int):
+def make_loaders(cfg: TrainConfig, data_dirs: dict[str, Path], world: int, rank: int, device: torch.device):
     """-> (train loader, val loader, the train loader's generator: its state makes a resume reproducible)."""
-    train_ds = PreparedDataset(data_dirs["train"], train_transform(cfg.image_size, cfg.augment))
-    val_ds = PreparedDataset(data_dirs["val"], eval_transform(cfg.image_size))
-    stored = train_ds.images.shape[1]
-    if cfg.image_size > stored:
-        raise BincounterError(f"train.image_size={cfg.image_size} is larger than the prepared {stored}px images; "
-                              "raise prepare.image_size and rerun `dvc repro`")
+    on_device = decode_on_device(cfg.jpeg_decoder, device)
+    train_ds = ShardDataset(data_dirs["train"], train_transform(cfg.image_size, cfg.augment), on_device)
+    val_ds = ShardDataset(data_dirs["val"], eval_transform(cfg.image_size), on_device)
+    if cfg.image_size > train_ds.stored_size:
+        raise BincounterError(f"train.image_size={cfg.image_size} is larger than the prepared "
+                              f"{train_ds.stored_size}px images; raise prepare.image_size and rerun `dvc repro`")
     workers = auto_workers(cfg.num_workers)
-    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available() and not on_device,
+                  persistent_workers=workers > 0)
     generator = torch.Generator().manual_seed(cfg.seed)
     if world > 1:
-        sampler = torch.utils.data.distributed.DistributedSampler(train_ds, world, rank, seed=cfg.seed)
+        sampler = ShardSampler(train_ds.shards, world, rank, seed=cfg.seed)
     elif cfg.class_balance == "sampler":
         per_class = class_weights(train_ds.counts, int(train_ds.counts.max()) + 1)
         sampler = WeightedRandomSampler(per_class[train_ds.counts].double(), len(train_ds), generator=generator)
     else:
         sampler = None
     train_loader = DataLoader(train_ds, cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                              drop_last=len(train_ds) > cfg.batch_size, generator=generator, **common)
-    val_loader = DataLoader(val_ds, cfg.batch_size * 2, shuffle=False, **common)
+                              drop_last=len(train_ds) > cfg.batch_size, generator=generator,
+                              collate_fn=train_ds.collate, **common)
+    val_loader = DataLoader(val_ds, cfg.batch_size * 2, shuffle=False, collate_fn=val_ds.collate, **common)
     return train_loader, val_loader, generator
 
 
+def decode_on_device(choice: str, device: torch.device) -> bool:
+    """train.jpeg_decoder: auto decodes on the GPU when training on one (nvJPEG), else in the loader workers."""
+    if choice == "gpu" and device.type != "cuda":
+        raise BincounterError("train.jpeg_decoder=gpu needs a CUDA device (train.device)")
+    return choice == "gpu" or (choice == "auto" and device.type == "cuda")
+
+
 # ------------------------------------------------------------------ one epoch, one evaluation
+
+
+def to_device(loader, images, device: torch.device) -> torch.Tensor:
+    """A batch as model input on device: the dataset decides (a ShardDataset may decode JPEGs there)."""
+    batch_to = getattr(loader.dataset, "batch_to", None)
+    return batch_to(images, device) if batch_to else images.to(device, non_blocking=True)
 
 
 def train_one_epoch(model, loader, optimizer, loss_fn: CountLoss, device: torch.device, history: RunHistory, *,
@@ -145,7 +160,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn: CountLoss, device: torch.
     total, n = 0.0, 0
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not show_progress, mininterval=1.0)
     for step, (images, counts) in enumerate(bar):
-        images, counts = images.to(device, non_blocking=True), counts.to(device, non_blocking=True)
+        images, counts = to_device(loader, images, device), counts.to(device, non_blocking=True)
         timer.data_ready()
         with autocast(device, amp_dtype):
             logits = model(images)
@@ -182,7 +197,7 @@ def predict_loader(model: torch.nn.Module, loader, device: torch.device, *, amp_
     model.eval()
     probs, targets, total, n = [], [], 0.0, 0
     for images, counts in loader:
-        images, counts = images.to(device, non_blocking=True), counts.to(device, non_blocking=True)
+        images, counts = to_device(loader, images, device), counts.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             logits = model(images)
         if loss_fn is not None:
@@ -227,7 +242,7 @@ def fit(config: Config, data_dirs: dict[str, Path], *, resume: bool = False, pro
     seed_everything(cfg.seed + rank)
     device = select_device(cfg.device)
     num_classes = config.data.num_classes
-    train_loader, val_loader, generator = make_loaders(cfg, data_dirs, world, rank)
+    train_loader, val_loader, generator = make_loaders(cfg, data_dirs, world, rank, device)
     train_counts = train_loader.dataset.counts
     if int(train_counts.max()) >= num_classes:
         raise BincounterError(f"training data has count {int(train_counts.max())} > data.max_count")
@@ -290,7 +305,7 @@ def fit(config: Config, data_dirs: dict[str, Path], *, resume: bool = False, pro
     result.model = model.eval()
     result.model_config = {
         "arch": cfg.arch, "max_count": config.data.max_count, "image_size": cfg.image_size,
-        "stored_size": int(train_loader.dataset.images.shape[1]), "loss": cfg.loss,
+        "stored_size": train_loader.dataset.stored_size, "loss": cfg.loss,
     }
     return result
 

@@ -11,7 +11,7 @@ import mlflow
 import numpy as np
 
 from bincounter.config import Config
-from bincounter.data.prepare import IMAGES_FILE, load_prepared
+from bincounter.data.prepare import LABELS_FILE, read_labels
 from bincounter.serving.pyfunc import example_image_b64, log_pyfunc
 from bincounter.training.metrics import EPOCH_METRICS, confusion, plot_confusion, plot_per_class
 from bincounter.training.profiling import check_rules, write_report
@@ -73,7 +73,8 @@ def log_datasets(config: Config, data_dirs: dict[str, Path]) -> None:
     dvc_md5 = dvc_hashes(config).get("dvc.prepared.md5", "")
     for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
         folder = Path(data_dirs[split])
-        _, ids, counts = load_prepared(folder)
+        rows = read_labels(folder)
+        ids, counts = [r[0] for r in rows], [r[1] for r in rows]
         marker = folder / PREPARED_FILE
         generation = json.loads(marker.read_text()).get("generation", "") if marker.exists() else ""
         digest = (dvc_md5 or generation)[:32] or None
@@ -105,6 +106,15 @@ def log_profile(profile_dir: Path) -> None:
 
 def log_model(model_dir: Path, config: Config, val_dir: Path | None = None, register: bool = True):
     """The served pyfunc, its input example a real photo from the validation split when there is one."""
-    images = load_prepared(val_dir)[0] if val_dir is not None and (Path(val_dir) / IMAGES_FILE).exists() else []
-    example = example_image_b64(images[0] if len(images) else np.zeros((64, 64, 3), np.uint8))
+    example = example_image_b64(_first_photo(val_dir) if val_dir is not None and (Path(val_dir) / LABELS_FILE).exists()
+                                else np.zeros((64, 64, 3), np.uint8))
     return log_pyfunc(model_dir, example, config.mlflow.model_name if register else None)
+
+
+def _first_photo(split_dir: Path) -> np.ndarray:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from bincounter.training.dataset import ShardDataset
+
+    jpeg = ShardDataset(split_dir, transform=None).jpeg(0)
+    return decode_jpeg(jpeg, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()

@@ -18,13 +18,13 @@ from torch.utils.data import DataLoader
 
 from bincounter import tracking
 from bincounter.config import Config
-from bincounter.data.prepare import IMAGES_FILE, verify_prepared
+from bincounter.data.prepare import LABELS_FILE, verify_prepared
 from bincounter.data.split import SPLITS
 from bincounter.errors import BincounterError
 from bincounter.model import BinCounterNet, count_logits, decode_counts, eval_transform, probabilities, save_model_dir
 from bincounter.training import records
 from bincounter.training.checkpoints import CHECKPOINT_FILE, checkpoint_run_id
-from bincounter.training.dataset import PreparedDataset
+from bincounter.training.dataset import ShardDataset
 from bincounter.training.calibration import (
     RECONCILE_PRECISION,
     expected_calibration_error,
@@ -54,8 +54,8 @@ def data_dirs_for(config: Config) -> dict[str, Path]:
     root = Path(config.train.data_dir)
     dirs = {name: root / name for name in SPLITS}
     for path in dirs.values():
-        if not (path / IMAGES_FILE).exists():
-            raise BincounterError(f"{path}/{IMAGES_FILE} not found: run `dvc repro` first (or set --data-dir)")
+        if not (path / LABELS_FILE).exists():
+            raise BincounterError(f"{path}/{LABELS_FILE} not found: run `dvc repro` first (or set --data-dir)")
     verify_prepared(dirs, config.split.out_dir)
     return dirs
 
@@ -127,7 +127,7 @@ def split_logits(model: BinCounterNet, split_dir: Path, model_config: dict, devi
                  batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(fp32 logits, true counts, ids) of one prepared split through the served model's preprocessing and
     test-time augmentation (model_config's image_size and tta)."""
-    dataset = PreparedDataset(split_dir, eval_transform(model_config["image_size"]))
+    dataset = ShardDataset(split_dir, eval_transform(model_config["image_size"]))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     model = model.to(device).eval()
     logits, targets = [], []
