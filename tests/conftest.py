@@ -180,18 +180,24 @@ def make_config(root: Path, **overrides):
     return build_config({}, base)  # the declared defaults, then base: no params file is read
 
 
+def catalog_and_fetch(config):
+    """The two stages that bring a query's bins in: catalog (metadata), then fetch (shards)."""
+    from bincounter.data.catalog import build_catalog
+    from bincounter.data.fetch import fetch
+
+    build_catalog(config.data)
+    return fetch(config.data)
+
+
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
     """The fixture images catalogued, fetched, split and prepared once (72 px) for every test that trains."""
-    from bincounter.data.catalog import build_catalog
-    from bincounter.data.fetch import fetch
     from bincounter.data.prepare import prepare
     from bincounter.data.split import split
 
     root = tmp_path_factory.mktemp("prepared")
     config = make_config(root)
-    build_catalog(config.data)
-    fetch(config.data)
+    catalog_and_fetch(config)
     split(config)
     prepare(config)
     return root

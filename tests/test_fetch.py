@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import empty_params, FIXTURES, SOURCE_BUCKET, fixture_labels, make_config, public_read, seed_bucket, write_manifest
+from conftest import catalog_and_fetch, empty_params, FIXTURES, SOURCE_BUCKET, fixture_labels, make_config, public_read, seed_bucket, write_manifest
 
 from bincounter.cli import main
 from bincounter.data import shards
@@ -24,11 +24,6 @@ from bincounter.storage import s3_client
 def s3_config(tmp_path, ids, **overrides):
     return make_config(tmp_path, **{"data.source": f"s3://{SOURCE_BUCKET}",
                                     "data.subset": str(write_manifest(tmp_path / "m.json", ids)), **overrides})
-
-
-def catalog_and_fetch(config):
-    build_catalog(config.data)
-    return fetch(config.data)
 
 
 def shard_files(config) -> dict[str, int]:

@@ -22,13 +22,14 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from conftest import FIXTURES, config_on, empty_params, fixture_b64, fixture_labels, make_config, write_manifest
+from conftest import FIXTURES, catalog_and_fetch, config_on, empty_params, fixture_b64, fixture_labels, make_config, write_manifest
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from bincounter.cli import main
-from bincounter.data.fetch import fetch
-from bincounter.data.prepare import PREPARED_FILE, prepare
+from bincounter.data.catalog import build_catalog, read_catalog
+from bincounter.data.fetch import SHARDS
+from bincounter.data.prepare import PREPARED_FILE, prepare, read_labels
 from bincounter.data.split import split
 from bincounter.errors import BincounterError
 from bincounter.images import decode_and_resize
@@ -77,22 +78,25 @@ def test_fetch_rejects_ids_that_are_paths_and_writes_nothing_outside_raw(tmp_pat
     (source / "outside.json").write_text('{"EXPECTED_QUANTITY": 1}')
     config = source_config(tmp_path, source, IDS + HOSTILE_IDS)
     before = snapshot(tmp_path, skip=(tmp_path / "work",))
-    report = fetch(config.data)
-    assert report.ids_with("ok") == IDS
-    for hostile in HOSTILE_IDS:
-        status, reason = report.statuses[hostile]
-        assert status == "rejected" and reason.startswith("unsafe id"), (hostile, reason)
+    report = catalog_and_fetch(config)
+    assert sorted(report.ids_with("ok")) == sorted(IDS)
+    catalog = read_catalog(config.data.catalog).to_pylist()
+    rejected = {row["image_id"]: row["reason"] for row in catalog if row["status"] == "rejected"}
+    assert len(rejected) == len(HOSTILE_IDS) and all(r.startswith("unsafe id") for r in rejected.values())
     assert snapshot(tmp_path, skip=(tmp_path / "work",)) == before
-    raw = Path(config.data.raw_dir)
-    assert sorted(p.name for p in (raw / "metadata").iterdir()) == sorted(f"{i}.json" for i in IDS)
+    from bincounter.data import shards
+
+    raw = Path(config.data.raw_dir) / SHARDS
+    members = {name for shard in shards.shards_in(raw) for name, _ in shards.iter_members(shard)}
+    assert members == {f"{i}{ext}" for i in IDS for ext in (".jpg", ".json")}
 
 
 def test_split_refuses_an_index_row_whose_id_is_a_path(tmp_path):
     source = local_source(tmp_path)
     config = source_config(tmp_path, source, IDS)
-    fetch(config.data)
+    catalog_and_fetch(config)
     index = Path(config.data.raw_dir) / "index.csv"
-    index.write_text(index.read_text() + "../../etc/passwd,ok,\n")  # a hand-edited index
+    index.write_text(index.read_text() + "../../etc/passwd,ok,,1,raw-00000.tar\n")  # a hand-edited index
     split(config)
     rejects = (Path(config.split.out_dir) / "rejects.csv").read_text()
     assert "../../etc/passwd,\"unsafe id '../../etc/passwd'" in rejects
@@ -130,18 +134,25 @@ def test_metadata_a_parser_chokes_on_is_one_rejected_bin(tmp_path, content, reas
     source = local_source(tmp_path)
     (source / "metadata" / f"{IDS[1]}.json").write_bytes(content)
     config = source_config(tmp_path, source, IDS)
-    report = fetch(config.data)
-    assert report.statuses[IDS[1]] == ("rejected", reason)
-    assert len(report.ids_with("ok")) == len(IDS) - 1
+    report = catalog_and_fetch(config)
+    row = next(r for r in read_catalog(config.data.catalog).to_pylist() if r["image_id"] == IDS[1])
+    assert (row["status"], row["reason"]) == ("rejected", reason)
+    assert sorted(report.ids_with("ok")) == sorted(IDS[:1] + IDS[2:])
 
 
-def test_split_and_reconcile_go_on_past_a_deeply_nested_metadata_file(trained, tmp_path, capsys):
+def test_split_and_reconcile_go_on_past_a_damaged_record(trained, tmp_path, capsys):
     source = local_source(tmp_path)
     config = source_config(tmp_path, source, IDS)
-    fetch(config.data)
-    (Path(config.data.raw_dir) / "metadata" / f"{IDS[2]}.json").write_bytes(DEEP)  # corrupted after fetch
+    catalog_and_fetch(config)
+    index = Path(config.data.raw_dir) / "index.csv"
+    lines = index.read_text().splitlines()
+    damaged = next(k for k, line in enumerate(lines) if line.startswith(f"{IDS[2]},"))
+    cells = lines[damaged].split(",")
+    lines[damaged] = ",".join(cells[:3] + ["[[[["] + cells[4:])  # the count hand-edited into garbage
+    index.write_text("\n".join(lines) + "\n")
     split(config)
-    assert f"{IDS[2]},metadata JSON nested too deeply" in (Path(config.split.out_dir) / "rejects.csv").read_text()
+    assert f"{IDS[2]},count '[[[[' in index.csv is not a number (rerun fetch)" in \
+        (Path(config.split.out_dir) / "rejects.csv").read_text()
 
     (source / "metadata" / f"{IDS[3]}.json").write_bytes(DEEP)
     args = ["reconcile", "--params", empty_params(tmp_path), "--set",
@@ -163,8 +174,8 @@ def test_split_and_reconcile_go_on_past_a_deeply_nested_metadata_file(trained, t
 def test_a_manifest_a_parser_chokes_on_is_one_line(tmp_path, capsys, content, message):
     manifest = tmp_path / "m.json"
     manifest.write_bytes(content if isinstance(content, bytes) else content.encode())
-    code = main(["fetch", "--params", empty_params(tmp_path), "--set", f"data.subset={manifest}",
-                 "--set", f"data.raw_dir={tmp_path / 'raw'}", "--set", f"data.source={local_source(tmp_path)}"])
+    code = main(["catalog", "--params", empty_params(tmp_path), "--set", f"data.subset={manifest}",
+                 "--set", f"data.catalog={tmp_path / 'c.parquet'}", "--set", f"data.source={local_source(tmp_path)}"])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and message in err and "Traceback" not in err
 
@@ -333,19 +344,28 @@ def test_training_refuses_prepared_splits_from_different_runs_or_other_csvs(prep
 def test_a_killed_prepare_leaves_no_orphan_workers_and_no_half_file(prepared, tmp_path):
     import psutil
 
+    from bincounter.data import shards
+    from bincounter.data.fetch import INDEX_COLUMNS
+    from bincounter.files import write_csv
+
     root = tmp_path / "big"
-    raw = root / "data/raw/bin-images"
-    raw.mkdir(parents=True)
-    rows = []
-    for n in range(1500):  # many rows over the real photos, so the stage runs long enough to be killed
-        image_id = list(fixture_labels())[n % 48]
-        (raw / f"c{n}.jpg").symlink_to(FIXTURES / "bin-images" / f"{image_id}.jpg")
-        rows.append(f"c{n},1")
+    raw = root / "data/raw"
+    (raw / SHARDS).mkdir(parents=True)
+    rows, index = [], []
+    photos = [(FIXTURES / "bin-images" / f"{i}.jpg").read_bytes() for i in list(fixture_labels())]
+    for number in range(3):  # many bins over the real photos, so the stage runs long enough to be killed
+        ids = [f"c{number * 500 + k}" for k in range(500)]
+        name = f"raw-{number:05d}.tar"
+        shards.write_shard(raw / SHARDS / name, ((f"{i}.jpg", photos[k % 48]) for k, i in enumerate(ids)),
+                           {"bins": {i: ["ok", "", 1, None] for i in ids}})
+        index += [(i, "ok", "", 1, name) for i in ids]
+        rows += [f"{i},1" for i in ids]
+    write_csv(raw / "index.csv", INDEX_COLUMNS, index)
     (root / "data/splits").mkdir(parents=True)
     for name in ("train", "val", "test"):
         (root / "data/splits" / f"{name}.csv").write_text("image_id,count\n" + "\n".join(rows) + "\n")
     params = root / "params.yaml"
-    params.write_text(json.dumps({"data": {"raw_dir": str(root / "data/raw")},
+    params.write_text(json.dumps({"data": {"raw_dir": str(raw), "shard_size": 200},
                                   "split": {"out_dir": str(root / "data/splits")},
                                   "prepare": {"out_dir": str(root / "data/prepared"), "image_size": 256, "workers": 2}}))
     stage = subprocess.Popen([sys.executable, "-m", "bincounter", "prepare", "--params", str(params)],
@@ -362,34 +382,45 @@ def test_a_killed_prepare_leaves_no_orphan_workers_and_no_half_file(prepared, tm
     gone, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, f"orphaned workers: {[p.pid for p in alive]}"
     train = root / "data/prepared/train"
-    assert not (train / "images.npy").exists() and not (train / PREPARED_FILE).exists()
-    assert list(train.glob(".images.npy.*.part"))  # the half-written array, under a name nothing reads
+    assert not (train / PREPARED_FILE).exists() and not (train / "labels.csv").exists()  # nothing says "complete"
+    from bincounter.training.run import data_dirs_for
+
+    with pytest.raises(BincounterError, match="labels.csv not found"):
+        data_dirs_for(make_config(root, **{"train.data_dir": str(root / "data/prepared")}))
     (root / "data/splits/train.csv").write_text("image_id,count\nc0,1\n")  # a quick rerun
     (root / "data/splits/val.csv").write_text("image_id,count\nc1,1\n")
     (root / "data/splits/test.csv").write_text("image_id,count\nc2,1\n")
     assert main(["prepare", "--params", str(params)]) == 0
     assert not list(train.glob(".*.part")) and (train / PREPARED_FILE).exists()
+    assert [p.name for p in shards.shards_in(train)] == [r[2] for r in read_labels(train)]  # old shards gone
 
 
 # ------------------------------------------------------------------ 7. an unreachable source
 
 
-def test_an_unreachable_source_stops_after_a_run_of_failures_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: connection refused
+def test_an_unreachable_source_stops_fetch_after_a_run_of_failures_and_the_rerun_resumes(tmp_path, monkeypatch,
+                                                                                         capsys):
     ids = [f"{n:05d}" for n in range(600)]
-    config = make_config(tmp_path, **{"data.source": "s3://aft-vbi-pds", "data.workers": 8,
-                                      "data.subset": str(write_manifest(tmp_path / "m.json", ids))})
+    source = tmp_path / "catalogued" / "metadata"  # the catalog was read while the source was up
+    source.mkdir(parents=True)
+    for n, image_id in enumerate(ids):
+        (source / f"{image_id}.json").symlink_to(FIXTURES / "metadata" / f"{IDS[n % len(IDS)]}.json")
+    config = make_config(tmp_path, **{"data.source": str(source.parent), "data.subset": "all",
+                                      "data.max_candidates": 0})
+    build_catalog(config.data)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # then it went down: connection refused
     started = time.perf_counter()
     code = main(["fetch", "--params", empty_params(tmp_path), *[f"--set=data.{k}={v}" for k, v in {
-        "source": "s3://aft-vbi-pds", "workers": 8, "subset": config.data.subset,
+        "source": "s3://aft-vbi-pds", "workers": 8, "subset": "all", "catalog": config.data.catalog,
         "raw_dir": config.data.raw_dir}.items()]])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert "error: cannot reach the data source s3://aft-vbi-pds/ at http://127.0.0.1:9" in err
     assert "check the network, a proxy (HTTPS_PROXY), or AWS_ENDPOINT_URL, then rerun to resume" in err
-    assert time.perf_counter() - started < 60
-    index = (Path(config.data.raw_dir) / "index.csv").read_text().splitlines()
-    assert 20 <= len(index) - 1 < len(ids)  # it stopped early, and recorded what it tried
+    assert time.perf_counter() - started < 60  # it stopped early instead of trying all 600
+    index = (Path(config.data.raw_dir) / "index.csv").read_text().splitlines()[1:]
+    assert len(index) == len(ids) and all(",failed," in row for row in index)  # recorded, nothing kept
+    assert not list((Path(config.data.raw_dir) / SHARDS).iterdir())
 
 
 # ------------------------------------------------------------------ 8. smaller defects
@@ -483,10 +514,12 @@ def test_kill_ends_the_training_run_killed_with_one_line(prepared, tmp_path):
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda d: (d / "test/labels.csv").write_text("image_id,count\n../../etc/passwd,1\n"),
+    (lambda d: (d / "test/labels.csv").write_text("image_id,count,shard,offset,size\n../../etc/passwd,1,a.tar,0,9\n"),
      r"labels.csv line 2: unsafe id '../../etc/passwd'"),
-    (lambda d: (d / "test/labels.csv").write_text("image_id,count\n00013,many\n"), "is not a split file"),
-    (lambda d: (d / "test/images.npy").write_bytes((d / "test/images.npy").read_bytes()[:200]), "is damaged"),
+    (lambda d: (d / "test/labels.csv").write_text("image_id,count,shard,offset,size\n00013,many,a.tar,0,9\n"),
+     "is not prepared labels"),
+    (lambda d: [p.write_bytes(p.read_bytes()[:2000]) for p in d.glob("test/*.tar")], r"\.tar is damaged \(cut short"),
+    (lambda d: [p.unlink() for p in d.glob("test/*.tar")], r"shard test-\d+-\w+\.tar is missing"),
 ])
 def test_hand_edited_or_damaged_prepared_data_is_one_line(prepared_copy, tmp_path, capsys, damage, message):
     import re

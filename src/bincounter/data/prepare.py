@@ -29,7 +29,7 @@ from bincounter.data import shards
 from bincounter.data.fetch import SHARDS, read_index
 from bincounter.data.split import SPLITS, read_split
 from bincounter.images import BadImage, decode_and_resize
-from bincounter.files import remove_partials, safe_name, write_csv, write_text
+from bincounter.files import UnsafeName, remove_partials, safe_name, write_csv, write_text
 
 LABELS_FILE = "labels.csv"
 LABEL_COLUMNS = ["image_id", "count", "shard", "offset", "size"]
@@ -154,24 +154,40 @@ def prepare(config: Config) -> dict[str, float]:
 
 
 def read_labels(split_dir: str | os.PathLike) -> list[tuple[str, int, str, int, int]]:
-    """(image_id, count, shard, offset, size) rows of one prepared split/channel, checked against its shards'
-    names; a one-line error for a folder that is not prepared data."""
+    """(image_id, count, shard, offset, size) rows of one prepared split/channel, checked against its shards
+    (present, and long enough for every photo they should hold); a one-line error for anything else."""
     split_dir = Path(split_dir)
     path = split_dir / LABELS_FILE
     if not path.exists():
         raise BincounterError(f"{path} not found: run `dvc repro` (prepare stage) first")
+    rows = []
     try:
         with open(path, newline="", encoding="utf-8") as handle:
-            rows = [(safe_name(r["image_id"]), int(r["count"]), safe_name(r["shard"]), int(r["offset"]), int(r["size"]))
-                    for r in csv.DictReader(handle)]
+            reader = csv.DictReader(handle)
+            for r in reader:
+                rows.append((safe_name(r["image_id"]), int(r["count"]), safe_name(r["shard"]), int(r["offset"]),
+                             int(r["size"])))
+    except UnsafeName as exc:
+        raise BincounterError(f"{path} line {reader.line_num}: {exc}") from None
     except (KeyError, TypeError, ValueError, UnicodeDecodeError, csv.Error):
         raise BincounterError(f"{path} is not prepared labels ({','.join(LABEL_COLUMNS)}); "
                               "rerun `dvc repro prepare`") from None
-    present = {p.name for p in shards.shards_in(split_dir)}
-    absent = sorted({r[2] for r in rows} - present)
-    if absent:
-        raise BincounterError(f"{split_dir}: shard {absent[0]} is missing; rerun `dvc repro prepare`")
+    _check_shards(split_dir, rows)
     return rows
+
+
+def _check_shards(split_dir: Path, rows: list[tuple[str, int, str, int, int]]) -> None:
+    needed: dict[str, int] = {}
+    for _, _, shard, offset, size in rows:
+        needed[shard] = max(needed.get(shard, 0), offset + size)
+    for shard, end in sorted(needed.items()):
+        try:
+            length = (split_dir / shard).stat().st_size
+        except FileNotFoundError:
+            raise BincounterError(f"{split_dir}: shard {shard} is missing; rerun `dvc repro prepare`") from None
+        if length < end:
+            raise BincounterError(f"{split_dir}/{shard} is damaged (cut short at {length} of {end} bytes); "
+                                  "rerun `dvc repro prepare`")
 
 
 def verify_prepared(split_dirs: dict[str, Path], splits_dir: str | os.PathLike | None = None) -> None:
