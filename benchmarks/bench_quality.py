@@ -5,7 +5,7 @@
 
 The sources are folders in the bucket's layout (abid-sample, and abid-more built as its README says). Their
 bins with counts 0-5 are merged (first source wins on a repeated id) into one local source, then bincounter's
-own stages run: fetch (data.source = that folder), split (split.strategy, fixed seed), prepare. The recipe
+own stages run: catalog, fetch (data.source = that folder), split (split.strategy, fixed seed), prepare. The recipe
 trains through bincounter.training.run.run_training (the function `bincounter train` runs, calibration,
 decode and TTA included; MLflow off) and is scored on the test split with the served model's numerics
 (bincounter.training.run.evaluate_split, which tests/test_calibration.py checks against the pyfunc). With
@@ -65,6 +65,7 @@ def merge_sources(sources: list[Path], dest: Path, limit: int | None) -> list[st
 
 def build(root: Path, args):
     from bincounter.config import build_config
+    from bincounter.data.catalog import build_catalog
     from bincounter.data.fetch import fetch
     from bincounter.data.prepare import prepare
     from bincounter.data.split import split
@@ -76,7 +77,7 @@ def build(root: Path, args):
     size = int(overrides.get("train.image_size", 128))
     config = build_config({}, {
         "data.source": str(root / "source"), "data.subset": str(root / "manifest.json"),
-        "data.raw_dir": str(root / "raw"), "data.workers": 8, "split.out_dir": str(root / "splits"),
+        "data.raw_dir": str(root / "raw"), "data.workers": 8, "data.catalog": str(root / "catalog.parquet"), "split.out_dir": str(root / "splits"),
         "split.eda_dir": str(root / "eda"), "split.strategy": args.strategy, "split.seed": args.seed,
         "prepare.out_dir": str(root / "prepared"), "prepare.image_size": size + size // 8,
         "prepare.workers": args.workers, "train.data_dir": str(root / "prepared"),
@@ -85,6 +86,7 @@ def build(root: Path, args):
     if args.reuse and (root / "prepared" / "meta.json").is_file():
         print(f"reusing the bins fetched, split and prepared in {root}")
         return config
+    build_catalog(config.data)
     fetch(config.data)
     split(config)
     prepare(config)

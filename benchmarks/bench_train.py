@@ -4,13 +4,19 @@ bincounter's pipeline vs a seed-notebook-style baseline, same model / batch / st
     python benchmarks/bench_train.py [--sample ../shared/abid-sample] [--archs resnet18 resnet50]
                                      [--batch-size 16] [--steps 8 4] [--num-workers 0] [--precision auto]
 
-bincounter: bincounter.training.loop.train_one_epoch itself: PreparedDataset over a prepared (N,256,256,3) uint8
-            array + train_transform(224, 0.5) + BinCounterNet (normalises inside, channels_last) + count_loss
-            (CE + EMD), AdamW, and train.precision (auto: bf16 autocast on CPUs with AMX/AVX512-BF16).
-baseline:   ImageFolder-like dataset that opens each JPEG with PIL every epoch, Resize(224) + RandomCrop(224)
-            + ToTensor + Normalize per sample, a plain torchvision model (same architecture, 6-way head) in fp32,
-            CE loss, AdamW.
-Each (arch, pipeline) runs in its own subprocess, so ru_maxrss is that configuration's own peak.
+bincounter: bincounter.training.loop.train_one_epoch itself, fed the way `bincounter train` feeds it on a CPU:
+            ShardDataset over the prepared tar shards of 256 px JPEGs (prepare's output), one pread per photo
+            + torchvision decode_jpeg + train_transform(224, train.augment) in the DataLoader workers (the main
+            process with --num-workers 0), so the step includes the JPEG decode: that is the real pipeline,
+            since prepared data are compressed JPEGs, not raw pixels. Then BinCounterNet (normalises inside,
+            channels_last) + count_loss (CE + EMD), AdamW, and train.precision (auto: bf16 autocast on CPUs
+            with AMX/AVX512-BF16).
+baseline:   ImageFolder-like dataset that opens each original JPEG (the sample folder's bin-images/, full
+            size) with PIL every epoch, Resize(224) + RandomCrop(224) + ToTensor + Normalize per sample, a plain
+            torchvision model (same architecture, 6-way head) in fp32, CE loss, AdamW.
+Both train on the same bins: the sample's first --n ids with counts 0-5, through bincounter's catalog, fetch,
+split and prepare stages, then the train split. Each (arch, pipeline) runs in its own subprocess, so
+ru_maxrss is that configuration's own peak.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +35,45 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_prepare import DEFAULT_SAMPLE, build_splits, sample_ids  # noqa: E402
+
+SOURCE = "source"  # root/source: the bins' folder in the bucket layout (bench_quality merges its sources there)
+EXTRACTED = "baseline-images"  # root/baseline-images: the photos taken out of fetch's raw shards, as a fallback
+
+
+def link_source(root: Path, sample: Path) -> None:
+    """root/source -> the sample folder, so the baseline reads the original JPEGs as the seed notebooks did."""
+    (root / SOURCE).symlink_to(sample.resolve(), target_is_directory=True)
+
+
+def baseline_images(root: Path, ids: list[str]) -> Path:
+    """The folder of <id>.jpg photos the seed-style baseline reads, for a root built by bincounter's stages:
+    root/source/bin-images when it holds every id's photo (bench_quality merges its sources there as symlinks;
+    this benchmark links root/source to --sample); else, since fetch keeps photos only inside its tar shards,
+    root/baseline-images, extracted once (untimed) from root/raw/shards: the same bytes the bucket served."""
+    from bincounter.data import shards
+    from bincounter.data.fetch import SHARDS
+
+    source = root / SOURCE / "bin-images"
+    if source.is_dir() and all((source / f"{i}.jpg").is_file() for i in ids):
+        return source
+    folder = root / EXTRACTED
+    if folder.is_dir() and all((folder / f"{i}.jpg").is_file() for i in ids):
+        return folder
+    raw = root / "raw" / SHARDS
+    print(f"baseline: photos not all in {source}; extracting them from {raw} into {folder}", flush=True)
+    tmp = root / f".{EXTRACTED}.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    wanted = {f"{i}.jpg" for i in ids}
+    for path in shards.shards_in(raw):
+        for name, data in shards.iter_members(path, wanted):
+            (tmp / name).write_bytes(data)
+    missing = sorted(wanted - {p.name for p in tmp.iterdir()})
+    if missing:
+        sys.exit(f"baseline: {len(missing)} photos (e.g. {missing[0]}) are neither in {source} nor in {raw}")
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
 
 
 def jpeg_folder(root: Path, rows, size: int, train: bool):
@@ -61,6 +107,10 @@ class Stamped:
     def __init__(self, loader):
         self.loader, self.stamps = loader, []
 
+    @property
+    def dataset(self):  # train_one_epoch asks the loader's dataset how a batch goes to the device
+        return self.loader.dataset
+
     def __len__(self):
         return len(self.loader)
 
@@ -72,13 +122,14 @@ class Stamped:
 
 
 def bincounter_steps(args, steps: int) -> tuple[list[float], float, str]:
-    """bincounter's own training step: training.loop.train_one_epoch over PreparedDataset, with the model, loss,
-    optimizer and train.precision exactly as `bincounter train` uses them. -> (step seconds, data share, precision)."""
+    """bincounter's own training step: training.loop.train_one_epoch over ShardDataset (JPEG decode + augment in
+    the loader), with the model, loss, optimizer and train.precision exactly as `bincounter train` uses them.
+    -> (step seconds, data share, precision)."""
     import torch
     from torch.utils.data import DataLoader, Subset
 
     from bincounter.config import TrainConfig
-    from bincounter.training.dataset import PreparedDataset, train_transform
+    from bincounter.training.dataset import ShardDataset, train_transform
     from bincounter.model import build_model
     from bincounter.training.profiling import RunHistory
     from bincounter.training.loop import autocast_dtype, build_optimizer, train_one_epoch
@@ -86,10 +137,12 @@ def bincounter_steps(args, steps: int) -> tuple[list[float], float, str]:
 
     cfg = TrainConfig(arch=args.arch, image_size=224, batch_size=args.batch_size, precision=args.precision,
                       num_workers=args.num_workers, epochs=1)
-    dataset = PreparedDataset(Path(args.root) / "prepared" / "train", train_transform(224, cfg.augment))
-    dataset = Subset(dataset, range(args.batch_size * (steps + 1)))
+    # on_device=False: decoded in the loader (CPU). Wrapped in a Subset, which has no batch_to, so the loop
+    # moves each decoded batch with .to(device): what ShardDataset.batch_to does for CPU decode.
+    shards = ShardDataset(Path(args.root) / "prepared" / "train", train_transform(224, cfg.augment))
+    dataset = Subset(shards, range(args.batch_size * (steps + 1)))
     loader = Stamped(DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
-                                drop_last=True))
+                                drop_last=True, collate_fn=shards.collate))
     model = build_model(args.arch, 6)  # BinCounterNet: channels_last, normalises uint8 inside
     history = RunHistory()
     amp_dtype = autocast_dtype(cfg.precision, torch.device("cpu"))
@@ -111,7 +164,8 @@ def baseline_steps(args, steps: int) -> tuple[list[float], float, str]:
     from bincounter.data.split import read_split
 
     rows = read_split(Path(args.root) / "splits" / "train.csv")
-    dataset = jpeg_folder(Path(args.root) / "raw" / "bin-images", rows, 224, train=True)
+    root = Path(args.root)
+    dataset = jpeg_folder(baseline_images(root, [i for i, _ in rows]), rows, 224, train=True)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
                         drop_last=True)
     net = torchvision.models.get_model(args.arch, weights=None, num_classes=6)
@@ -150,7 +204,9 @@ def one(args) -> dict:
 
 def train_baseline(root: Path, epochs: int, size: int, batch_size: int) -> tuple[dict, float, int]:
     """The seed notebooks' training: JPEG folder, plain resnet18, fp32, cross-entropy, AdamW, no class
-    weighting; the epoch with the best validation macro accuracy is kept (the same rule as bincounter's)."""
+    weighting; the epoch with the best validation macro accuracy is kept (the same rule as bincounter's).
+    root: a folder built by bincounter's stages (splits/ and raw/shards/); the photos are read from
+    root/source/bin-images when it holds them all, else extracted from the raw shards (see baseline_images)."""
     import copy
 
     import numpy as np
@@ -161,8 +217,10 @@ def train_baseline(root: Path, epochs: int, size: int, batch_size: int) -> tuple
     from bincounter.training.metrics import counting_metrics
     from bincounter.data.split import read_split
 
-    images = root / "raw" / "bin-images"
-    loaders = {name: DataLoader(jpeg_folder(images, read_split(root / "splits" / f"{name}.csv"), size, name == "train"),
+    root = Path(root)
+    rows = {name: read_split(root / "splits" / f"{name}.csv") for name in ("train", "val", "test")}
+    images = baseline_images(root, [i for split in rows.values() for i, _ in split])
+    loaders = {name: DataLoader(jpeg_folder(images, rows[name], size, name == "train"),
                                 batch_size=batch_size, shuffle=name == "train", num_workers=1)
                for name in ("train", "val", "test")}
     net = torchvision.models.get_model("resnet18", weights=None, num_classes=6)
@@ -207,6 +265,7 @@ def accuracy(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         config = build_splits(root, Path(args.sample), sample_ids(Path(args.sample), args.n))
+        link_source(root, Path(args.sample))
         config = with_overrides(config, {
             "prepare.image_size": args.size + args.size // 8, "prepare.workers": 2, "train.arch": "resnet18",
             "train.image_size": args.size, "train.epochs": args.epochs, "train.batch_size": 32,
@@ -275,7 +334,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         config = build_splits(root, Path(args.sample), sample_ids(Path(args.sample), args.n))
+        link_source(root, Path(args.sample))
         prepare(with_overrides(config, {"prepare.image_size": 256, "prepare.workers": 2}))
+        train_bins = len((root / "splits" / "train.csv").read_text().splitlines()) - 1
+        needed = args.batch_size * (max(steps.values()) + 1)
+        if train_bins < needed:
+            sys.exit(f"the train split has {train_bins} bins, fewer than the {needed} that --batch-size "
+                     f"{args.batch_size} x (steps + 1 warm-up) needs: raise --n")
         for arch in args.archs:
             for pipeline in ("baseline", "bincounter") * args.repeats:
                 cmd = [sys.executable, __file__, "--one", "--arch", arch, "--pipeline", pipeline, "--root", str(root),

@@ -180,6 +180,16 @@ def make_config(root: Path, **overrides):
     return build_config({}, base)  # the declared defaults, then base: no params file is read
 
 
+def prepared_photos(split_dir: Path):
+    """A prepared split's photos as training decodes them, (N, S, S, 3) uint8, in labels.csv order."""
+    import numpy as np
+
+    from bincounter.training.dataset import ShardDataset
+
+    dataset = ShardDataset(split_dir, transform=lambda image: image)
+    return np.stack([dataset[k][0].permute(1, 2, 0).numpy() for k in range(len(dataset))]), dataset.ids
+
+
 def catalog_and_fetch(config):
     """The two stages that bring a query's bins in: catalog (metadata), then fetch (shards)."""
     from bincounter.data.catalog import build_catalog

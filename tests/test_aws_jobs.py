@@ -244,7 +244,7 @@ def test_failure_reason_is_bincounters_one_line_error(job, tmp_path):
     proc = run_entry(job, {"SM_CHANNEL_TRAIN": str(empty)})
     assert proc.returncode == 1
     failure = (job.root / "output" / "failure").read_text()
-    assert failure == f"error: channel train ({empty}) has no images.npy: check the job's input channels\n"
+    assert failure == f"error: channel train ({empty}) has no labels.csv: check the job's input channels\n"
     # `python -m bincounter train` without the entry script (as test_container runs it): the same line
     (job.root / "output" / "failure").unlink()
     proc = subprocess.run([sys.executable, "-m", "bincounter", "train"], cwd=job.code,

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import config_on, empty_params
+from conftest import config_on, empty_params, prepared_photos
 from PIL import Image
 
 from bincounter.model import decode_counts, probabilities
@@ -76,7 +76,6 @@ def tta_expected_model(prepared, tmp_path_factory):
 
 
 def test_the_served_model_decodes_and_augments_as_evaluation_does(tta_expected_model):
-    from bincounter.data.prepare import load_prepared
     from bincounter.model import load_model_dir
     from bincounter.training.run import evaluate_split
 
@@ -88,7 +87,7 @@ def test_the_served_model_decodes_and_augments_as_evaluation_does(tta_expected_m
     assert model_config["tta"] is True and model_config["decode"] == "expected" and model_config["temperature"] > 0
     test_dir = Path(config.train.data_dir) / "test"
     evaluated = evaluate_split(net, test_dir, model_config, torch.device("cpu"))
-    images, _, _ = load_prepared(test_dir)
+    images, _ = prepared_photos(test_dir)
 
     def png(array):
         buffer = io.BytesIO()

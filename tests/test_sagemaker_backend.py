@@ -99,6 +99,11 @@ def test_training_request_single_instance(sm):
     got = channels(described)
     assert got["train"] == f"s3://{BUCKET}/data/train/" and got["validation"] == f"s3://{BUCKET}/data/validation/"
     assert got["test"] == f"s3://{BUCKET}/data/test/" and {"code", "sm_drivers"} <= set(got)
+    # the data channels stream (FastFile: no copy of the whole set to each instance); the SDK's own code
+    # channels stay File, which is what the SDK sets for them
+    assert described["AlgorithmSpecification"]["TrainingInputMode"] == "FastFile"
+    modes = {c["ChannelName"]: c.get("InputMode", "FastFile") for c in described["InputDataConfig"]}
+    assert all(modes[name] == "FastFile" for name in ("train", "validation", "test")), modes
     assert described["HyperParameters"]["batch_size"] == "8"
     assert described["RoleArn"] == sm.role and described["ResourceConfig"]["InstanceType"] == "ml.g5.xlarge"
     assert described["StoppingCondition"]["MaxRuntimeInSeconds"] == 86400
@@ -515,6 +520,7 @@ def test_launch_tuning_on_moto_mirrors_best_job(sm):
     assert definition["StaticHyperParameters"]["arch"] == "resnet18"
     assert {m["Name"] for m in definition["AlgorithmSpecification"]["MetricDefinitions"]} >= {"best_val_macro_accuracy"}
     assert {"train", "validation", "test"} <= set(channels(definition))
+    assert definition["AlgorithmSpecification"]["TrainingInputMode"] == "FastFile"
     ranges = described["HyperParameterTuningJobConfig"]["ParameterRanges"]
     assert {r["Name"] for r in ranges["CategoricalParameterRanges"]} == {"batch_size", "loss"}
     objective = described["HyperParameterTuningJobConfig"]["HyperParameterTuningJobObjective"]

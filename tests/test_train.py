@@ -365,15 +365,14 @@ def test_served_pyfunc_preprocesses_exactly_as_training_time_evaluation(trained)
 
     from PIL import Image
 
+    from conftest import prepared_photos
+
     from bincounter.model import load_model_dir
-    from bincounter.training.dataset import ShardDataset
     from bincounter.training.run import evaluate_split
 
     config = trained["config"]
     test_dir = Path(config.train.data_dir) / "test"
-    dataset = ShardDataset(test_dir, transform=lambda image: image)  # the prepared photos as training decodes them
-    images = np.stack([dataset[k][0].permute(1, 2, 0).numpy() for k in range(len(dataset))])
-    ids = dataset.ids
+    images, ids = prepared_photos(test_dir)
     weights = next(Path(mlflow.artifacts.download_artifacts("models:/bin-counter@champion")).glob("artifacts/*/weights.pt"))
     net, model_config = load_model_dir(weights.parent)
     assert model_config["stored_size"] == images.shape[1] != model_config["image_size"]  # the resize is exercised

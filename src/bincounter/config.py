@@ -160,6 +160,8 @@ class SagemakerConfig:
     role_arn: str = knob("", "execution role of the training jobs")
     bucket: str = knob("", "bucket for sources, checkpoints and models")
     instance_type: str = knob("ml.g5.xlarge", "training instance type")
+    input_mode: str = knob("FastFile", "how jobs read the channels: FastFile (streamed on first read) | File "
+                           "(copied to each instance before training)", choices=("FastFile", "File"))
     instance_count: int = knob(1, "training instances", min=1, max=100)
     framework_version: str = knob("2.5", "PyTorch training image version")
     py_version: str = knob("py311", "Python of the training image")

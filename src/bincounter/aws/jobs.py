@@ -34,6 +34,18 @@ DEBUGGER_RULES = ("LossNotDecreasing", "Overfit")
 _NUMBER = r"([0-9.eE+-]+)"
 
 
+def channel_inputs(channels: dict[str, str]) -> list:
+    """The channels as S3 prefixes. Given as S3DataSource shapes (not bare URIs, which the SDK pins to File
+    mode), each channel follows the job's training_input_mode, sagemaker.input_mode: FastFile mounts the
+    shards and streams each on its first read, so a multi-instance job does not copy the whole set to every
+    instance, and each DDP rank reads only the shards dealt to it (training.dataset.ShardSampler)."""
+    from sagemaker.core.training.configs import InputData, S3DataSource
+
+    return [InputData(channel_name=name, data_source=S3DataSource(
+        s3_data_type="S3Prefix", s3_uri=uri, s3_data_distribution_type="FullyReplicated"))
+        for name, uri in channels.items()]
+
+
 def channel_uris(config: Config) -> dict[str, str]:
     """train/validation/test S3 prefixes from data/sync.json (written by `dvc repro`'s sync stage)."""
     record = read_sync_record(config.sync.out)
@@ -197,6 +209,7 @@ def make_trainer(config: Config, session, region: str, *, environment: dict[str,
                 role=sm.role_arn,
                 base_job_name=sm.job_prefix,
                 training_image=image,
+                training_input_mode=sm.input_mode,
                 source_code=SourceCode(source_dir=str(source_dir), entry_script=ENTRY_SCRIPT,
                                        requirements=REQUIREMENTS),
                 distributed=Torchrun() if distributed else None,
@@ -262,8 +275,6 @@ def build_training_request(config: Config, *, session=None, parent_run=None) -> 
     Side effect: the SDK uploads the packaged source and its drivers to s3://<bucket>/<prefix>/<job>/input/
     (the request names them). Nothing else is created. Tests inspect `plan.request`.
     """
-    from sagemaker.core.training.configs import InputData
-
     region = check_config(config)
     channels = channel_uris(config)
     session = session or make_session(region, config.sagemaker.bucket)
@@ -273,7 +284,7 @@ def build_training_request(config: Config, *, session=None, parent_run=None) -> 
     distributed = uses_torchrun(config, region)
     trainer = make_trainer(config, session, region, environment=job_environment(parent_run),
                            source_dir=source_dir, distributed=distributed)
-    inputs = [InputData(channel_name=name, data_source=uri) for name, uri in channels.items()]
+    inputs = channel_inputs(channels)
     try:
         request = trainer._create_training_job_args(input_data_config=inputs)
     except Exception as exc:  # noqa: BLE001 - S3 upload errors arrive as botocore/boto3 exceptions
