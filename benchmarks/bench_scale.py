@@ -6,7 +6,8 @@
 Starts moto_server on a free 127.0.0.1 port (stopped by PID at the end, also on error or Ctrl-C) and fills a
 public-read bucket aft-vbi-pds with real ABID photos + metadata under new ids: the real bins (the sources
 merged, first source wins on a repeated id, sorted by numeric id) are cycled, and bin n of the bucket gets id
-f"{n:06d}", so neighbouring new ids are neighbouring real ids (the same pod, as split's groups expect). The
+f"{n:06d}", so neighbouring new ids are neighbouring real ids (the same pod, as split's groups expect);
+--full-size-only leaves out the photos that were shrunk to 224x224 before they reached /tmp/abid-more. The
 upload (threads, boto3 put_object) is setup and timed on its own. With several --bins the bucket only grows:
 each size tops it up, then runs the pipeline in a fresh project.
 
@@ -84,13 +85,17 @@ def machine() -> str:
 # ---------------------------------------------------------------- the source bucket
 
 
-def real_bins(sources: list[Path]) -> list[tuple[Path, Path]]:
-    """(photo, metadata) of every real bin in the sources, first source wins on a repeated id, in numeric id order."""
+def real_bins(sources: list[Path], full_size_only: bool = False) -> list[tuple[Path, Path]]:
+    """(photo, metadata) of every real bin in the sources, first source wins on a repeated id, in numeric id order.
+    full_size_only: skip rows whose labels.csv says full_size=0 (abid-more holds photos a Kaggle uploader
+    shrank to 224x224; the bucket's photos are full size)."""
     found: dict[str, tuple[Path, Path]] = {}
     for source in sources:
         with open(source / "labels.csv", newline="") as handle:
             for row in csv.DictReader(handle):
                 image_id = row["image_id"]
+                if full_size_only and row.get("full_size", "1") == "0":
+                    continue
                 photo, meta = source / "bin-images" / f"{image_id}.jpg", source / "metadata" / f"{image_id}.json"
                 if image_id not in found and photo.is_file() and meta.is_file():
                     found[image_id] = (photo, meta)
@@ -414,6 +419,8 @@ def main() -> None:
     parser.add_argument("--bins", type=int, action="append", help="bins in the bucket (repeatable; default 50000)")
     parser.add_argument("--sources", nargs="+", type=Path,
                         default=[REPO.parent / "shared" / "abid-sample", Path("/tmp/abid-more")])
+    parser.add_argument("--full-size-only", action="store_true",
+                        help="only real bins whose photo is full size (labels.csv full_size != 0)")
     parser.add_argument("--workers", type=int, default=32, help="data.workers (concurrent downloads)")
     parser.add_argument("--shard-size", type=int, default=1000, help="data.shard_size")
     parser.add_argument("--image-size", type=int, default=256, help="prepare.image_size")
@@ -430,7 +437,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = sorted(set(args.bins or [50000]))
 
-    real = real_bins(args.sources)
+    real = real_bins(args.sources, args.full_size_only)
     if not real:
         raise SystemExit(f"no real bins found in {args.sources}")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_scale-"))
@@ -445,6 +452,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill PID`: the finally below still stops moto
     proc, url = start_moto()
     results: dict = {"machine": machine(), "command": " ".join([sys.executable] + sys.argv), "real_bins": len(real),
+                     "real_bytes_per_bin": sum(p.stat().st_size + m.stat().st_size for p, m in real) / len(real),
                      "sizes": {}, "latency": []}
     try:
         os.environ["AWS_ENDPOINT_URL"] = url

@@ -12,7 +12,7 @@ from typing import Any
 
 from bincounter import tracking
 from bincounter.aws.follow import POLL_SECONDS, _metric_name, record_job
-from bincounter.aws.jobs import channel_inputs, channel_uris, job_environment, make_trainer, metric_definitions, uses_torchrun
+from bincounter.aws.jobs import channel_uris, job_environment, make_trainer, metric_definitions, uses_torchrun
 from bincounter.aws.package import package_source
 from bincounter.aws.redact import redact
 from bincounter.aws.session import check_config, make_session, service_client, resolve_region
@@ -84,6 +84,7 @@ def build_tuning_request(config: Config, space: dict[str, dict] | None = None, *
     `plan.request` holds the HyperParameterTuningJobConfig (objective, ranges, limits) and the training job
     definition (static hyperparameters, metric definitions, image, channels) as sagemaker.core shapes.
     """
+    from sagemaker.core.training.configs import InputData
     from sagemaker.train.tuner import HyperparameterTuner
 
     region = check_config(config)
@@ -106,7 +107,9 @@ def build_tuning_request(config: Config, space: dict[str, dict] | None = None, *
         max_jobs=config.hpo.max_jobs, max_parallel_jobs=config.hpo.max_parallel_jobs,
         strategy="Bayesian", random_seed=config.train.seed or None, base_tuning_job_name=config.sagemaker.job_prefix,
     )
-    inputs = channel_inputs(channels)
+    # the tuner wraps each InputData's URI in its own S3DataSource (no per-channel mode), so the channels
+    # follow the trainer's training_input_mode (sagemaker.input_mode) here too
+    inputs = [InputData(channel_name=name, data_source=uri) for name, uri in channels.items()]
     tuner._prepare_static_hyperparameters_for_tuning()
     request = {"hyper_parameter_tuning_job_config": tuner._build_tuning_job_config(),
                "training_job_definition": tuner._build_training_job_definition(inputs)}
