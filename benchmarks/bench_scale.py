@@ -18,12 +18,14 @@ a params.yaml that is the repo's with data.subset=all, data.max_candidates=0 and
   dvc commit -f                          DVC hashes every stage's outputs and copies them into .dvc/cache
                                          (what `dvc repro` does after each stage; here timed on its own)
   dvc push                               to an emulated S3 remote (a second bucket on the same moto_server)
+  dvc push -j J                          with --push-jobs: the push again into an empty remote folder, J jobs
 
 Per stage: wall seconds of the subprocess (interpreter start and imports included), the seconds the stage
 reports itself where it prints them (catalog, fetch, prepare), bins handled and bins/s (from the wall time),
 CPU seconds of the stage (user+sys of the process and its children, from os.wait4), CPU seconds the emulator
 spent meanwhile, bytes and files of its output, and peak RSS two ways, both sampled every 0.2 s with psutil
-over the stage process and its children: `largest process` = the highest VmHWM (a process's own peak RSS
+over the stage process and its children (the tree's RSS is also kept once a second in the JSON,
+rss_series_mb, to tell a plateau from growth): `largest process` = the highest VmHWM (a process's own peak RSS
 since its exec) of any one of them, `process tree` = the highest sum of their current RSS (forked pool workers
 share pages, so the sum overstates what they use together). ru_maxrss is recorded too but is not the figure:
 a child started by fork/vfork + exec inherits the launching process's peak as its ru_maxrss.
@@ -155,7 +157,7 @@ class Measured:
         with open(self.log, "wb") as log:
             proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         done = threading.Event()
-        peak = {"tree": 0, "processes": 0}
+        peak = {"tree": 0, "processes": 0, "series": [], "start": start}
         sampler = threading.Thread(target=self._sample, args=(proc.pid, done, peak), daemon=True)
         sampler.start()
         try:
@@ -174,7 +176,8 @@ class Measured:
                   "rss_max1_mb": peak.get("hwm", 0) / 2**20, "rss_tree_mb": peak["tree"] / 2**20,
                   "ru_maxrss_mb": usage.ru_maxrss / 1024, "in_stage_s": _own_seconds(self.log),
                   "processes": peak["processes"], "load_before": load,
-                  "emulator_rss_mb": _rss(self.emulator) / 2**20, "log": str(self.log)}
+                  "emulator_rss_mb": _rss(self.emulator) / 2**20, "log": str(self.log),
+                  "rss_series_mb": peak["series"]}
         if proc.returncode:
             tail = self.log.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{result['cmd']} exited {proc.returncode}; its log {self.log} ends:\n{tail}")
@@ -199,6 +202,9 @@ class Measured:
                     peak["hwm"] = max(peak.get("hwm", 0), _hwm(proc.pid))
             peak["tree"] = max(peak["tree"], rss)
             peak["processes"] = max(peak["processes"], alive)
+            now = time.perf_counter() - peak["start"]
+            if not peak["series"] or now - peak["series"][-1][0] >= 1.0:  # RSS over time, once a second
+                peak["series"].append((round(now, 1), round(rss / 2**20, 1)))
             done.wait(0.2)
 
 
@@ -323,8 +329,9 @@ def stage_outputs(project: Path, stage: str, cfg: dict, client) -> dict:
     if stage == "dvc commit":
         nbytes, nfiles = disk(project / ".dvc" / "cache")
         return {"bytes": nbytes, "files": nfiles}
-    if stage == "dvc push":
-        nbytes, nobjects = bucket_usage(client, DVC_BUCKET, project.name + "/")
+    if stage.startswith("dvc push"):  # "dvc push" -> remote prefix size-N/, "dvc push -j J" -> size-N-jJ/
+        suffix = "-j" + stage.split("-j ")[1] if "-j " in stage else ""
+        nbytes, nobjects = bucket_usage(client, DVC_BUCKET, f"{project.name}{suffix}/")
         return {"bytes": nbytes, "files": nobjects}
     raise ValueError(stage)
 
@@ -341,11 +348,16 @@ def run_size(bins: int, args, env: dict, work: Path, logs: Path, emulator: psuti
     steps = [(s, [sys.executable, "-m", "bincounter", s, "--params", "params.yaml"]) for s in STAGES]
     if not args.no_dvc:
         steps += [("dvc commit", ["dvc", "commit", "-f", "-q"]), ("dvc push", ["dvc", "push", "-q"])]
+        # the same push again to empty remote folders with DVC's transfer jobs set (default: 4 x cores)
+        steps += [(f"dvc push -j {j}", ["dvc", "push", "-q", "-j", str(j)]) for j in args.push_jobs]
     for stage, cmd in steps:
+        if stage.startswith("dvc push -j"):
+            url = f"s3://{DVC_BUCKET}/size-{bins}-j{stage.split('-j ')[1]}"
+            subprocess.run(["dvc", "remote", "modify", "emu", "url", url], cwd=project, check=True, capture_output=True)
         print(f"[{bins} bins] {stage} ...", flush=True)
         measured = Measured(cmd, project, env, logs / f"{bins}-{stage.replace(' ', '-')}.log", emulator).run()
         out = stage_outputs(project, stage, cfg, client)
-        if stage in ("sync", "dvc commit", "dvc push"):  # they move the prepared bins (and, DVC, the raw ones)
+        if stage in ("sync", "dvc commit") or stage.startswith("dvc push"):  # sync moves the prepared bins, DVC all
             out["bins"] = rows["prepare"]["bins"] if stage == "sync" else rows["fetch"]["bins"]
         measured.update(out)
         measured["bins_per_s"] = measured["bins"] / max(measured["seconds"], 1e-9)
@@ -384,7 +396,8 @@ def latency_pass(args, env: dict, work: Path, logs: Path, emulator: psutil.Proce
                 measured.update({"stage": stage, "latency_ms": delay_ms, "workers": workers, "requests": requests,
                                  "requests_per_s": requests / own, "bins_per_s": measured["bins"] / own})
                 out.append(measured)
-                print(f"[latency {delay_ms} ms, {workers} workers] {stage}: {measured['seconds']:.1f} s, {measured['bins']} bins, "
+                print(f"[latency {delay_ms} ms, {workers} workers] {stage}: {measured['seconds']:.1f} s, "
+                      f"{measured['bins']} bins, "
                       f"{measured['requests_per_s']:.0f} GET/s", flush=True)
             if not args.keep:
                 shutil.rmtree(project)
@@ -399,14 +412,15 @@ def latency_pass(args, env: dict, work: Path, logs: Path, emulator: psutil.Proce
 def table(bins: int, upload: dict, result: dict) -> str:
     lines = [f"### {bins:,} bins in the bucket",
              "",
-             "| stage | wall s | in-stage s | bins | bins/s | stage CPU s | emulator CPU s | output MB | files / objects "
-             "| peak RSS MB, largest process | peak RSS MB, process tree |",
+             "| stage | wall s | in-stage s | bins | bins/s | stage CPU s | emulator CPU s | output MB "
+             "| files / objects | peak RSS MB, largest process | peak RSS MB, process tree |",
              "|---|---|---|---|---|---|---|---|---|---|---|",
              f"| upload (setup, {upload['bins']:,} new bins) | {upload['seconds']:.1f} | | {upload['bins']:,} | "
              f"{upload['bins_per_s']:.0f} | | | {upload['bytes'] / 1e6:,.1f} | {upload['objects']:,} | | |"]
     for stage, r in result["rows"].items():
         own = f"{r['in_stage_s']:.1f}" if r["in_stage_s"] is not None else ""
-        lines.append(f"| {stage} | {r['seconds']:.1f} | {own} | {r['bins']:,} | {r['bins_per_s']:.0f} | {r['cpu_s']:.1f} | "
+        lines.append(f"| {stage} | {r['seconds']:.1f} | {own} | {r['bins']:,} | {r['bins_per_s']:.0f} | "
+                     f"{r['cpu_s']:.1f} | "
                      f"{r['emulator_cpu_s']:.1f} | {r['bytes'] / 1e6:,.1f} | {r['files']:,} | "
                      f"{r['rss_max1_mb']:.0f} | {r['rss_tree_mb']:.0f} |")
     lines.append(f"\nproject folder at the end: {result['project_bytes'] / 1e9:.2f} GB in "
@@ -431,6 +445,8 @@ def main() -> None:
     parser.add_argument("--latency-workers", type=int, nargs="+", default=None,
                         help="data.workers values of the latency pass (default: --workers)")
     parser.add_argument("--no-dvc", action="store_true", help="skip dvc commit / dvc push")
+    parser.add_argument("--push-jobs", type=int, nargs="+", default=[],
+                        help="also time `dvc push -j J` into an empty remote folder for each J")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a new temp folder, removed at the end")
     parser.add_argument("--keep", action="store_true", help="keep the projects and the workdir")
     parser.add_argument("--out", type=Path, default=None, help="folder for scale-<bins>.json and the stage logs")
@@ -481,11 +497,12 @@ def main() -> None:
                 (args.out / f"scale-{bins}.json").write_text(json.dumps(result, indent=2) + "\n")
         if args.latency_bins:
             results["latency"] = latency_pass(args, env, work, logs, emulator, int(url.rsplit(":", 1)[1]))
-            print("\n| data.workers | added latency per request | stage | wall s | in-stage s | bins | GETs | GET/s (in-stage) "
-                  "| bins/s (in-stage) | stage CPU s | emulator CPU s |")
+            print("\n| data.workers | added latency per request | stage | wall s | in-stage s | bins | GETs "
+                  "| GET/s (in-stage) | bins/s (in-stage) | stage CPU s | emulator CPU s |")
             print("|---|---|---|---|---|---|---|---|---|---|---|")
             for r in results["latency"]:
-                print(f"| {r['workers']} | {r['latency_ms']} ms | {r['stage']} | {r['seconds']:.1f} | {r['in_stage_s']} | {r['bins']:,} "
+                print(f"| {r['workers']} | {r['latency_ms']} ms | {r['stage']} | {r['seconds']:.1f} "
+                      f"| {r['in_stage_s']} | {r['bins']:,} "
                       f"| {r['requests']:,} | {r['requests_per_s']:.0f} | {r['bins_per_s']:.0f} | {r['cpu_s']:.1f} "
                       f"| {r['emulator_cpu_s']:.1f} |")
             if args.out:
