@@ -36,6 +36,17 @@ REPO = Path(__file__).resolve().parents[1]
 BUCKET = "aft-vbi-pds"
 
 
+def cpu_model() -> str:
+    """lscpu's model name (the machines differ in CPU kind; every benchmark table names it)."""
+    import platform
+
+    try:
+        return next(line.split(":", 1)[1].strip() for line in subprocess.run(
+            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

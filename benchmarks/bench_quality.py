@@ -20,16 +20,15 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_fetch import cpu_model  # noqa: E402
 from bench_train import train_baseline  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,12 +36,7 @@ KEYS = ("accuracy", "macro_accuracy", "rmse", "mae", "off_by_one_accuracy", "ece
 
 
 def machine() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
 
 
 def merge_sources(sources: list[Path], dest: Path, limit: int | None) -> list[str]:

@@ -65,7 +65,7 @@ from tqdm import tqdm
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from bench_fetch import LatencyProxy, start_moto, stop  # noqa: E402
+from bench_fetch import LatencyProxy, cpu_model, start_moto, stop  # noqa: E402
 
 SOURCE_BUCKET = "aft-vbi-pds"
 SYNC_BUCKET = "bincounter-sync"
@@ -75,13 +75,8 @@ FULL_ABID = 536_434
 
 
 def machine() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown CPU"
     mem = psutil.virtual_memory().total / 2**30
-    return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}"
 
 
 # ---------------------------------------------------------------- the source bucket

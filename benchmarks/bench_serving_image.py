@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_fetch import cpu_model  # noqa: E402
 from bench_serving import body, build_model, images_b64  # noqa: E402
 
 CLIENT = r"""
@@ -124,8 +125,7 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--starts", type=int, default=3)
     args = parser.parse_args()
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
+    cpu = cpu_model()
     size = int(docker("image", "inspect", args.image, "--format", "{{.Size}}").stdout.strip())
     print(f"machine: {cpu}; image {args.image}: {size / 2**30:.2f} GiB", flush=True)
     work = Path(tempfile.mkdtemp(prefix="bench-image-"))

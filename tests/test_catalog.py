@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import pytest
 from conftest import FIXTURES, SOURCE_BUCKET, fixture_labels, make_config, seed_bucket, write_manifest
 
 from bincounter.data import source as source_module
-from bincounter.data.catalog import SCHEMA, build_catalog, read_catalog, select
+from bincounter.data.catalog import build_catalog, read_catalog, select
 from bincounter.errors import BincounterError
 from bincounter.storage import s3_client
 

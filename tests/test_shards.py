@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,11 +15,12 @@ from bincounter.training.dataset import ShardDataset, ShardSampler
 def test_a_shard_is_deterministic_and_readable_member_by_member(tmp_path):
     members = [(f"{i}.jpg", bytes([i]) * (100 + i)) for i in range(5)]
     a, b = tmp_path / "a.tar", tmp_path / "b.tar"
-    shards.write_shard(a, members, {"bins": {"0": 1}})
+    written = shards.write_shard(a, members, {"bins": {"0": 1}})
     shards.write_shard(b, members, {"bins": {"0": 1}})
     assert a.read_bytes() == b.read_bytes()  # same bins, same bytes: the same DVC hash
     assert shards.read_index(a) == {"bins": {"0": 1}}
     where = shards.locate(a)
+    assert written == where  # what the writer reports is where the reader finds each member
     with open(a, "rb") as handle:
         for name, data in members:
             offset, size = where[name]

@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from bincounter import config, files
 from bincounter.config import DataConfig
-from bincounter.data.source import IMAGES, METADATA, Missing, Source, Unreachable, listable, open_source, read_manifest
+from bincounter.data.source import (IMAGES, MAX_WARNINGS, METADATA, FailureStreak, Missing, Source, Unreachable,
+                                    listable, open_source, read_manifest)
 from bincounter.errors import BincounterError, first_line
 from bincounter.images import count_from_metadata, parse_metadata
 
@@ -39,8 +40,6 @@ SCHEMA = pa.schema([
 STATUS = SCHEMA.names.index("status")
 LISTING = ("balanced", "all")  # subsets drawn from the source's listing rather than from a manifest
 CHECKPOINT = 5000  # newly read bins between two writes of the catalog
-UNREACHABLE_AFTER = 20  # connection failures in a row that mean "the source is down", not "a bad bin"
-MAX_WARNINGS = 20
 INT32_MAX = 2**31 - 1
 
 
@@ -95,7 +94,7 @@ def _plan(cfg: DataConfig, source: Source, previous: pa.Table) -> tuple[list[str
 def _read_all(cfg: DataConfig, source: Source, todo: list[str], rows: _Rows) -> dict[str, str]:
     """Read todo into rows, writing a checkpoint every CHECKPOINT; -> {id: reason} of transient failures."""
     failed: dict[str, str] = {}
-    in_a_row = warnings = 0
+    streak, warnings = FailureStreak(source), 0
     workers = max(1, cfg.workers)
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(todo), desc="cataloguing", unit="bin",
                                                    mininterval=0.5) as bar:
@@ -106,14 +105,9 @@ def _read_all(cfg: DataConfig, source: Source, todo: list[str], rows: _Rows) -> 
                     row = future.result()
                 except Unreachable as exc:  # not a row: a rerun retries it
                     failed[image_id] = str(exc)
-                    in_a_row += 1
-                    if in_a_row >= UNREACHABLE_AFTER:
-                        raise BincounterError(
-                            f"cannot reach the data source {source.where()} ({exc}; {in_a_row} requests in a "
-                            "row failed): check the network, a proxy (HTTPS_PROXY), or AWS_ENDPOINT_URL, then "
-                            "rerun to resume") from None
+                    streak.failed(str(exc))
                     continue
-                in_a_row = 0
+                streak.ok()
                 rows.add(row)
                 if row[STATUS] == "rejected" and (warnings := warnings + 1) <= MAX_WARNINGS:
                     bar.write(f"rejected: {row[0] if listable(row[0]) else repr(row[0])[:60]}: {row[-1]}")

@@ -20,14 +20,14 @@ from PIL import Image  # noqa: E402
 
 from bincounter.config import Config  # noqa: E402
 from bincounter.data import shards  # noqa: E402
-from bincounter.data.fetch import SHARDS, read_index  # noqa: E402
+from bincounter.data.fetch import SHARDS, shard_of as fetched_shards  # noqa: E402
 
 
 def write_report(config: Config, splits: dict[str, list[str]], labels: dict[str, int], rejects: dict[str, str]):
     eda_dir = Path(config.split.eda_dir)
     eda_dir.mkdir(parents=True, exist_ok=True)
     raw_dir = Path(config.data.raw_dir)
-    shard_of = _shard_of(raw_dir)
+    shard_of = fetched_shards(raw_dir)
     classes = list(range(config.data.max_count + 1))
     counts = {name: Counter(labels[i] for i in ids) for name, ids in splits.items()}
     sizes = _sizes(raw_dir, shard_of, set(labels))
@@ -54,10 +54,6 @@ def write_report(config: Config, splits: dict[str, list[str]], labels: dict[str,
     _plot_class_balance(eda_dir / "class_balance.png", counts, classes, strategy)
     _plot_sizes(eda_dir / "image_sizes.png", widths, heights)
     _plot_samples(eda_dir / "samples.png", labels, raw_dir, shard_of, classes, seed=config.split.seed)
-
-
-def _shard_of(raw_dir: Path) -> dict[str, str]:
-    return {row["image_id"]: row["shard"] for row in read_index(raw_dir) if row["status"] == "ok"}
 
 
 def _sizes(raw_dir: Path, shard_of: dict[str, str], wanted: set[str]) -> list[tuple[int, int]]:

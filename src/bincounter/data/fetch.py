@@ -10,8 +10,6 @@ only once every bin in it is verified). Every outcome lands in data/raw/index.cs
 
 from __future__ import annotations
 
-import json
-import os
 import csv
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,23 +21,14 @@ from tqdm import tqdm
 from bincounter import files
 from bincounter.config import DataConfig
 from bincounter.data import shards
-from bincounter.data.source import IMAGES, METADATA, Missing, Source, Unreachable, open_source
+from bincounter.data.source import (IMAGES, MAX_WARNINGS, METADATA, FailureStreak, Missing, Source,
+                                    SourceUnreachable, Unreachable, open_source)
 from bincounter.errors import BincounterError
 from bincounter.images import BadImage, count_from_metadata, parse_metadata, verify_jpeg
 
 SHARDS = "shards"
 INDEX = "index.csv"
 INDEX_COLUMNS = ["image_id", "status", "reason", "count", "shard"]
-MAX_WARNINGS = 20
-UNREACHABLE_AFTER = 20  # connection failures in a row that mean "the source is unreachable", not "a bad bin"
-
-
-class SourceUnreachable(Exception):
-    """Many reads in a row failed to connect: the source is down or unreachable from here."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 # ---------------------------------------------------------------- one bin, one shard
@@ -108,7 +97,7 @@ class _Fetcher:
         self.pool = ThreadPoolExecutor(workers)
         self.bar = tqdm(total=total, desc=f"fetching {total} bins", unit="bin", mininterval=0.5)
         self.report = FetchReport()
-        self.failures_in_a_row = self.warnings = 0
+        self.streak, self.warnings = FailureStreak(source), 0
         self.start = time.perf_counter()
 
     def shard(self, name: str, ids: list[str]) -> None:
@@ -125,9 +114,10 @@ class _Fetcher:
         self.report.statuses[image_id] = (outcome.status, outcome.reason)
         self.report.downloaded_files += 2 if outcome.status == "ok" else 0
         self.report.downloaded_bytes += len(outcome.image) + len(outcome.metadata)
-        self.failures_in_a_row = self.failures_in_a_row + 1 if outcome.status == "failed" else 0
-        if self.failures_in_a_row >= UNREACHABLE_AFTER:
-            raise SourceUnreachable(outcome.reason)
+        if outcome.status == "failed":
+            self.streak.failed(outcome.reason)
+        else:
+            self.streak.ok()
         if outcome.status != "ok":
             self.warnings += 1
             if self.warnings <= MAX_WARNINGS:
@@ -174,6 +164,11 @@ def read_index(raw_dir: Path) -> list[dict[str, str]]:
     return rows
 
 
+def shard_of(raw_dir: Path) -> dict[str, str]:
+    """{image id: the raw shard holding it} for every bin fetch kept."""
+    return {row["image_id"]: row["shard"] for row in read_index(raw_dir) if row["status"] == "ok"}
+
+
 def write_index(raw_dir: Path, planned: dict[str, list[str]], report: FetchReport) -> None:
     """index.csv from every complete shard's own index, plus the bins of shards not written (failed)."""
     rows = []
@@ -203,11 +198,9 @@ def fetch(cfg: DataConfig) -> FetchReport:
     try:
         for name, ids in todo.items():
             fetcher.shard(name, ids)
-    except SourceUnreachable as exc:
+    except SourceUnreachable:
         write_index(raw_dir, planned, fetcher.report)  # what arrived is kept; a rerun resumes from it
-        raise BincounterError(
-            f"cannot reach the data source {source.where()} ({exc.reason}; {UNREACHABLE_AFTER} requests in a row "
-            "failed): check the network, a proxy (HTTPS_PROXY), or AWS_ENDPOINT_URL, then rerun to resume") from None
+        raise
     finally:
         fetcher.close()
     report = fetcher.report

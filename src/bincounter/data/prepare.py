@@ -26,7 +26,7 @@ from tqdm import tqdm
 from bincounter.config import Config, file_sha256
 from bincounter.errors import BincounterError
 from bincounter.data import shards
-from bincounter.data.fetch import SHARDS, read_index
+from bincounter.data.fetch import SHARDS, shard_of as fetched_shards
 from bincounter.data.split import SPLITS, read_split
 from bincounter.images import BadImage, decode_and_resize
 from bincounter.files import UnsafeName, remove_partials, safe_name, write_csv, write_text
@@ -62,11 +62,11 @@ def _die_with_parent() -> None:
         pass
 
 
-def prepare_split(rows: list[tuple[str, int]], raw_dir: Path, out_dir: Path, size: int, quality: int,
-                  shard_size: int, workers: int) -> int:
-    """Write one split's shards and labels.csv; -> bytes of photos written. Raw shards are read in order,
-    one per worker task, and output shards are flushed as they fill: memory holds one shard, whatever the split."""
-    shard_of = {row["image_id"]: row["shard"] for row in read_index(raw_dir) if row["status"] == "ok"}
+def prepare_split(rows: list[tuple[str, int]], shard_of: dict[str, str], raw_dir: Path, out_dir: Path, size: int,
+                  quality: int, shard_size: int, workers: int) -> int:
+    """Write one split's shards and labels.csv; -> bytes of photos written. shard_of: each fetched bin's raw
+    shard. Raw shards are read in order, one per worker task, and output shards are flushed as they fill:
+    memory holds one shard, whatever the split."""
     counts = dict(rows)
     missing = [i for i in counts if i not in shard_of]
     if missing:
@@ -107,10 +107,8 @@ class _ShardWriter:
         if not self.pending:
             return
         name = shards.shard_name(self.out_dir.name, self.number, (f"{i}:{len(d)}" for i, _, d in self.pending))
-        path = self.out_dir / name
-        shards.write_shard(path, ((f"{i}.jpg", d) for i, _, d in self.pending),
-                           {"bins": {i: c for i, c, _ in self.pending}})
-        where = shards.locate(path)
+        where = shards.write_shard(self.out_dir / name, ((f"{i}.jpg", d) for i, _, d in self.pending),
+                                   {"bins": {i: c for i, c, _ in self.pending}})
         self.labels += [(i, c, name, *where[f"{i}.jpg"]) for i, c, _ in self.pending]
         self.bytes += sum(len(d) for _, _, d in self.pending)
         self.number += 1
@@ -127,6 +125,7 @@ def prepare(config: Config) -> dict[str, float]:
     start, total, stored = time.perf_counter(), 0, 0
     generation = uuid.uuid4().hex  # one prepare run: training refuses splits from different runs
     shas = {}
+    shard_of = fetched_shards(raw_dir)
     for name in SPLITS:
         split_csv = Path(config.split.out_dir) / f"{name}.csv"
         if not split_csv.exists():
@@ -137,7 +136,7 @@ def prepare(config: Config) -> dict[str, float]:
         remove_partials(out_dir)  # what a killed prepare left
         shards.remove_stale(out_dir, keep=set())
         rows = read_split(split_csv)
-        stored += prepare_split(rows, raw_dir, out_dir, size, quality, config.data.shard_size, workers)
+        stored += prepare_split(rows, shard_of, raw_dir, out_dir, size, quality, config.data.shard_size, workers)
         shas[name] = file_sha256(split_csv)
         record = {"generation": generation, "split_csv_sha256": shas[name], "rows": len(rows), "image_size": size}
         write_text(out_dir / PREPARED_FILE, json.dumps(record, indent=2) + "\n")

@@ -46,13 +46,18 @@ def _info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def write_shard(path: Path, members: Iterable[tuple[str, bytes]], index: dict) -> None:
-    """A tar holding the index (first) and the members, under its final name only once complete."""
+def write_shard(path: Path, members: Iterable[tuple[str, bytes]], index: dict) -> dict[str, tuple[int, int]]:
+    """A tar holding the index (first) and the members, under its final name only once complete;
+    -> {member name: (byte offset, size)}, as `locate` would read them back."""
     with atomic_path(Path(path)) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         encoded = json.dumps(index, sort_keys=True).encode()
         tar.addfile(_info(INDEX_MEMBER, len(encoded)), io.BytesIO(encoded))
+        where = {}
         for name, data in members:
+            # USTAR writes exactly one 512-byte header block per member, so its data starts right after it
+            where[name] = (tar.offset + tarfile.BLOCKSIZE, len(data))
             tar.addfile(_info(name, len(data)), io.BytesIO(data))
+    return where
 
 
 @contextlib.contextmanager

@@ -23,6 +23,8 @@ from bincounter.storage import is_s3, local_root, parse_s3_uri, s3_client
 IMAGES = "bin-images"
 METADATA = "metadata"
 SUFFIX = ".json"
+UNREACHABLE_AFTER = 20  # connection failures in a row that mean "the source is down", not "a bad bin"
+MAX_WARNINGS = 20  # bad bins named one by one on the terminal; the rest are counted
 
 
 class Missing(Exception):
@@ -31,6 +33,28 @@ class Missing(Exception):
 
 class Unreachable(Exception):
     """The source could not be read right now (network, endpoint down): worth a rerun."""
+
+
+class SourceUnreachable(BincounterError):
+    """Many reads in a row failed to connect: the source is down or unreachable from here."""
+
+
+class FailureStreak:
+    """Counts transient read failures in a row (catalog and fetch alike); the UNREACHABLE_AFTER-th stops
+    the stage with one line naming the endpoint, instead of failing bin by bin."""
+
+    def __init__(self, source: "Source"):
+        self.source, self.count = source, 0
+
+    def ok(self) -> None:
+        self.count = 0
+
+    def failed(self, reason: str) -> None:
+        self.count += 1
+        if self.count >= UNREACHABLE_AFTER:
+            raise SourceUnreachable(
+                f"cannot reach the data source {self.source.where()} ({reason}; {self.count} requests in a row "
+                "failed): check the network, a proxy (HTTPS_PROXY), or AWS_ENDPOINT_URL, then rerun to resume")
 
 
 def listable(image_id: str) -> bool:
