@@ -88,12 +88,28 @@ def build(root: Path, args):
 
 
 def run_recipe(config, root: Path) -> tuple[dict, float, int]:
-    from bincounter.training.run import METRICS_FILE, data_dirs_for, run_training
+    """Train the recipe; -> ({decode: test metrics}, seconds, best epoch). One trained model is scored with
+    each decode rule (argmax, expected, thresholds fitted on validation), the configured one first."""
+    import torch
+
+    from bincounter.model import decode_counts, load_model_dir
+    from bincounter.training.calibration import expected_calibration_error
+    from bincounter.training.metrics import counting_metrics
+    from bincounter.training.run import METRICS_FILE, data_dirs_for, evaluate_split, run_training
 
     t0 = time.perf_counter()
-    outcome = run_training(config, data_dirs_for(config), track=False, register=False, model_dir=root / "model")
+    run_training(config, data_dirs_for(config), track=False, register=False, model_dir=root / "model")
+    seconds = time.perf_counter() - t0
     best_epoch = json.loads((root / "model" / METRICS_FILE).read_text())["best_epoch"]
-    return outcome.test_metrics, time.perf_counter() - t0, int(best_epoch)
+    model, model_config = load_model_dir(root / "model")
+    test = evaluate_split(model, root / "prepared" / "test", model_config, torch.device("cpu"))
+    probs, targets = test["probabilities"], test["targets"]
+    scored = {}
+    for how in dict.fromkeys((config.train.decode, "argmax", "expected", "thresholds")):
+        counts = decode_counts(probs, how, model_config.get("decode_cuts"))
+        scored[how] = counting_metrics(targets, counts, probs.shape[1])
+        scored[how]["ece"] = expected_calibration_error(probs, targets, counts)
+    return scored, seconds, int(best_epoch)
 
 
 def row(name: str, metrics: dict, seconds: float, best_epoch: int, epochs: int) -> str:
@@ -133,9 +149,11 @@ def main() -> None:
         config = build(root, args)
         sizes = {n: len((root / "splits" / f"{n}.csv").read_text().splitlines()) - 1 for n in ("train", "val", "test")}
         name = args.name or f"{tracking.recipe_name(config)} ({args.strategy})"
-        metrics, seconds, best = run_recipe(config, root)
-        lines.append(row(name, metrics, seconds, best, args.epochs))
-        print(lines[-1], flush=True)
+        scored, seconds, best = run_recipe(config, root)
+        for how, metrics in scored.items():
+            label = name if how == config.train.decode else f"same model, decode={how}"
+            lines.append(row(label, metrics, seconds, best, args.epochs))
+            print(lines[-1], flush=True)
         if args.baseline:
             torch.manual_seed(config.train.seed)
             base, seconds, best = train_baseline(root, args.epochs, config.train.image_size, 32)

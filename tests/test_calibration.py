@@ -15,7 +15,13 @@ from conftest import config_on, empty_params, prepared_photos
 from PIL import Image
 
 from bincounter.model import decode_counts, probabilities
-from bincounter.training.calibration import expected_calibration_error, fit_temperature, nll, reconcile_threshold
+from bincounter.training.calibration import (
+    expected_calibration_error,
+    fit_decode_cuts,
+    fit_temperature,
+    nll,
+    reconcile_threshold,
+)
 
 
 def overconfident(n: int = 2000, classes: int = 6, right: float = 0.6, seed: int = 0):
@@ -49,6 +55,40 @@ def test_expected_decoding_rounds_the_mean_count():
                       [0.0, 0.1, 0.2, 0.3, 0.4, 0.0]])  # argmax 4, mean 3.0 -> 3
     assert decode_counts(probs, "argmax").tolist() == [0, 4]
     assert decode_counts(probs, "expected").tolist() == [2, 3]
+
+
+def middle_hugging(n: int = 1200, classes: int = 6, seed: int = 0):
+    """Probabilities whose expected count is squeezed toward the middle (2.5 + 0.4 (c - 2.5) + noise), as
+    an unweighted model's are: rounding it almost never says 0 or 5."""
+    rng = np.random.default_rng(seed)
+    targets = rng.integers(0, classes, n)
+    expected = np.clip(2.5 + 0.4 * (targets - 2.5) + rng.normal(0, 0.15, n), 0, classes - 1)
+    low = np.minimum(np.floor(expected).astype(int), classes - 2)
+    probs = np.zeros((n, classes))
+    probs[np.arange(n), low] = 1 - (expected - low)
+    probs[np.arange(n), low + 1] = expected - low
+    return probs, targets
+
+
+def macro(counts, targets):
+    return np.mean([np.mean(counts[targets == c] == c) for c in np.unique(targets)])
+
+
+def test_fitted_cuts_give_every_count_its_share_of_a_middle_hugging_model():
+    probs, targets = middle_hugging()
+    cuts = fit_decode_cuts(probs, targets)
+    assert len(cuts) == 5 and np.all(np.diff(cuts) > 0)
+    rounded, cut = decode_counts(probs, "expected"), decode_counts(probs, "thresholds", cuts)
+    assert macro(rounded, targets) < 0.5 < 0.8 < macro(cut, targets)
+    fresh, fresh_targets = middle_hugging(seed=1)  # fitted on one sample, they hold on another
+    assert macro(decode_counts(fresh, "thresholds", cuts), fresh_targets) > 0.8
+
+
+def test_too_few_validation_bins_keep_the_rounding_cuts():
+    probs, targets = middle_hugging(n=40)
+    cuts = fit_decode_cuts(probs, targets)
+    assert cuts == [0.5, 1.5, 2.5, 3.5, 4.5]
+    assert decode_counts(probs, "thresholds", cuts).tolist() == decode_counts(probs, "expected").tolist()
 
 
 def test_reconcile_threshold_reaches_the_stated_precision():
@@ -99,10 +139,19 @@ def test_the_served_model_decodes_and_augments_as_evaluation_does(tta_expected_m
     assert np.allclose(np.stack(served["probabilities"]), evaluated["probabilities"], atol=1e-5)
     assert np.allclose(served["expected_count"], evaluated["expected"], atol=1e-5)
     assert served["count"].tolist() == np.rint(served["expected_count"]).astype(int).tolist()  # decode: expected
+    # decode: thresholds reads the cuts recorded with the model, in the pyfunc as in evaluation
+    cuts = [0.2, 0.4, 0.6, 0.8, 1.0]
+    pyfunc = mlflow.pyfunc.load_model(outcome.model_uri)
+    pyfunc.unwrap_python_model().model_config.update(decode="thresholds", decode_cuts=cuts)
+    served = pyfunc.predict(pd.DataFrame({"image": [png(a) for a in images]}))
+    evaluated = evaluate_split(net, test_dir, {**model_config, "decode": "thresholds", "decode_cuts": cuts},
+                               torch.device("cpu"))
+    assert served["count"].tolist() == evaluated["predictions"].tolist()
+    assert served["count"].tolist() == np.searchsorted(cuts, served["expected_count"]).tolist()
     run = mlflow.get_run(outcome.run_id)
     assert run.info.run_name == "resnet18-64px-emd-expected-tta"
     assert {"temperature", "val_ece_before", "val_ece_after", "test_ece", "test_argmax_macro_accuracy",
-            "test_expected_macro_accuracy"} <= set(run.data.metrics)
+            "test_expected_macro_accuracy", "test_thresholds_macro_accuracy"} <= set(run.data.metrics)
 
 
 def test_reconcile_flags_at_the_threshold_recorded_with_the_model(tta_expected_model, tmp_path, capsys):

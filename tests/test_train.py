@@ -240,6 +240,26 @@ def test_emd_loss_charges_more_for_being_further_off():
     assert torch.isclose(ce(far, target), ce(near, target))
 
 
+def test_sord_loss_charges_more_for_being_further_off_and_is_least_at_its_soft_labels():
+    from bincounter.training.loss import soft_ordinal_labels
+
+    sord = make_loss("sord", 1.0)
+    target = torch.tensor([2])
+    near = torch.tensor([[0.0, 0.0, 0.0, 5.0, 0.0, 0.0]])
+    far = torch.tensor([[5.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    assert sord(far, target) > sord(near, target) + 0.5  # plain cross-entropy charges both alike
+    soft = soft_ordinal_labels(target, 6)
+    assert soft.argmax().item() == 2 and torch.isclose(soft[0, 1], soft[0, 3])  # symmetric, peaked at the count
+    logits = soft.log().requires_grad_()  # the predicted distribution equal to the soft labels: a minimum
+    sord(logits, target).backward()
+    assert logits.grad.abs().max() < 1e-6
+    weights = torch.tensor([1.0, 1.0, 3.0, 1.0, 1.0, 1.0])
+    targets, both = torch.tensor([2, 0]), torch.cat([near, near])
+    each = torch.stack([sord(both[i : i + 1], targets[i : i + 1]) for i in range(2)])
+    expected = (each * weights[targets]).sum() / weights[targets].sum()  # class weights as cross_entropy's
+    assert torch.isclose(make_loss("sord", 1.0, weights)(both, targets), expected)
+
+
 def test_pretrained_offline_says_how_to_pass_a_local_file(monkeypatch):
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # fail fast and stay offline
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")

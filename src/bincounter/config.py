@@ -97,8 +97,8 @@ class TrainConfig:
     lr: float = knob(0.001, "learning rate", min=0.0)
     weight_decay: float = knob(0.0001, "weight decay", min=0.0, max=1.0)
     optimizer: str = knob("adamw", "adamw | sgd", choices=("adamw", "sgd"))
-    loss: str = knob("emd", "ce | emd (cross-entropy + squared earth mover's distance, ordinal-aware)",
-                     choices=("ce", "emd"))
+    loss: str = knob("emd", "ce | emd (cross-entropy + squared earth mover's distance, ordinal-aware) | sord "
+                     "(cross-entropy against soft ordinal labels)", choices=("ce", "emd", "sord"))
     emd_weight: float = knob(1.0, "weight of the emd term", min=0.0, max=1000.0)
     class_balance: str = knob("weighted_loss", "weighted_loss | sampler | none",
                               choices=("weighted_loss", "sampler", "none"))
@@ -113,7 +113,9 @@ class TrainConfig:
     precision: str = knob("auto", "auto | bf16 | fp32 (auto: bf16 where the chip computes it natively)",
                           choices=("auto", "bf16", "fp32"))
     decode: str = knob("argmax", "how a count is read from the probabilities: argmax (the most likely) | "
-                       "expected (the rounded expected count)", choices=("argmax", "expected"))
+                       "expected (the rounded expected count) | thresholds (the expected count cut at "
+                       "thresholds fitted on validation for macro accuracy)",
+                       choices=("argmax", "expected", "thresholds"))
     tta: bool = knob(False, "flip test-time augmentation in evaluation and in the served model")
     calibrate: bool = knob(True, "fit a temperature on the validation split after training (served confidence)")
     profile_steps: int = knob(5, "torch.profiler steps recorded in the first epoch (0 = off)", min=0, max=1000)

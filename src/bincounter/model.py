@@ -57,15 +57,19 @@ def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     return torch.softmax(logits / temperature, dim=1)
 
 
-def decode_counts(probs, how: str = "argmax"):
-    """(N, K) probabilities -> N counts: the most likely count, or the expected count rounded."""
+def decode_counts(probs, how: str = "argmax", cuts=None):
+    """(N, K) probabilities -> N counts: the most likely count (argmax), the expected count rounded
+    (expected), or the expected count cut at the K-1 thresholds fitted on validation (thresholds; without
+    cuts they are k + 0.5, i.e. rounding)."""
     import numpy as np
 
     probs = np.asarray(probs)
-    if how == "expected":
-        expected = probs @ np.arange(probs.shape[1])
-        return np.clip(np.rint(expected), 0, probs.shape[1] - 1).astype(np.int64)
-    return probs.argmax(axis=1).astype(np.int64)
+    if how == "argmax":
+        return probs.argmax(axis=1).astype(np.int64)
+    expected = probs @ np.arange(probs.shape[1])
+    if how == "thresholds" and cuts is not None:
+        return np.searchsorted(np.asarray(cuts, dtype=np.float64), expected).astype(np.int64)
+    return np.clip(np.rint(expected), 0, probs.shape[1] - 1).astype(np.int64)
 
 
 def _drop_aux_heads(model: nn.Module) -> nn.Module:

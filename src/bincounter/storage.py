@@ -61,3 +61,112 @@ def local_root(source: str) -> Path:
     if not root.is_dir():
         raise BincounterError(f"data source {source!r} is neither s3://... nor an existing directory")
     return root
+
+
+# ---------------------------------------------------------------- folders read by name and byte range
+# A prepared split is a folder of tar shards plus labels.csv (where each photo lies in its shard). Training
+# reads it from a local folder (or a SageMaker FastFile mount) with pread, or streams it from S3 with one
+# ranged GET per photo, so a laptop or a plain EC2 box can train on a synced prefix without copying it.
+
+
+class LocalFolder:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.uri = str(self.path)
+        self._fds: dict[str, int] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self):  # loader workers open their own file descriptors
+        return {**self.__dict__, "_fds": {}}
+
+    def child(self, name: str) -> "LocalFolder":
+        return LocalFolder(self.path / name)
+
+    def resolved(self) -> str:
+        return str(self.path.resolve())
+
+    def read_bytes(self, name: str) -> bytes:
+        """The whole file; FileNotFoundError when it is not there."""
+        return (self.path / name).read_bytes()
+
+    def read_range(self, name: str, offset: int, size: int) -> bytes:
+        if self._pid != os.getpid():
+            self._fds, self._pid = {}, os.getpid()
+        if name not in self._fds:
+            self._fds[name] = os.open(self.path / name, os.O_RDONLY)
+        return os.pread(self._fds[name], size, offset)
+
+    def sizes(self) -> dict[str, int]:
+        """{file name: bytes} of the files directly inside."""
+        if not self.path.is_dir():
+            return {}
+        return {entry.name: entry.stat().st_size for entry in os.scandir(self.path) if entry.is_file()}
+
+
+class S3Folder:
+    """An S3 prefix read like a folder: whole small files, and byte ranges of shards (ranged GETs)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+        self.bucket, prefix = parse_s3_uri(self.uri)
+        self.prefix = prefix + "/" if prefix else ""
+        self._client, self._pid = None, None
+
+    def __getstate__(self):  # a boto3 client is not shared across processes
+        return {**self.__dict__, "_client": None, "_pid": None}
+
+    def child(self, name: str) -> "S3Folder":
+        return S3Folder(f"{self.uri}/{name}")
+
+    def resolved(self) -> str:
+        return self.uri
+
+    @property
+    def client(self):
+        if self._client is None or self._pid != os.getpid():
+            self._client, self._pid = s3_reader(max_pool_connections=32), os.getpid()
+        return self._client
+
+    def read_bytes(self, name: str) -> bytes:
+        return self._get(name)
+
+    def read_range(self, name: str, offset: int, size: int) -> bytes:
+        data = self._get(name, f"bytes={offset}-{offset + size - 1}")
+        if len(data) != size:
+            raise BincounterError(f"{self.uri}/{name}: {len(data)} of {size} bytes at {offset} (a shard cut short?)")
+        return data
+
+    def sizes(self) -> dict[str, int]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        found = {}
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    name = obj["Key"][len(self.prefix):]
+                    if name and "/" not in name:
+                        found[name] = obj["Size"]
+        except (BotoCoreError, ClientError) as exc:
+            raise BincounterError(f"cannot list {self.uri}: {str(exc).splitlines()[0]}") from None
+        return found
+
+    def _get(self, name: str, byte_range: str | None = None) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        extra = {"Range": byte_range} if byte_range else {}
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + name, **extra)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code", "") in ("NoSuchKey", "404", "NotFound"):
+                raise FileNotFoundError(f"{self.uri}/{name}") from None
+            raise BincounterError(f"cannot read {self.uri}/{name}: {str(exc).splitlines()[0]}") from None
+        except (BotoCoreError, OSError) as exc:
+            raise BincounterError(f"cannot read {self.uri}/{name}: {type(exc).__name__}") from None
+
+
+def open_folder(location) -> LocalFolder | S3Folder:
+    """A local path or an s3:// prefix, as a folder read by name and byte range."""
+    if isinstance(location, (LocalFolder, S3Folder)):
+        return location
+    return S3Folder(location) if is_s3(str(location)) else LocalFolder(location)

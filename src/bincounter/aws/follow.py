@@ -20,7 +20,7 @@ from bincounter.model import WEIGHTS_FILE
 from bincounter.storage import parse_s3_uri, s3_client
 from bincounter.training import records
 from bincounter.training.metrics import EPOCH_METRICS
-from bincounter.training.run import METRICS_FILE, TrainOutcome
+from bincounter.training.run import METRICS_FILE, TrainOutcome, split_location
 
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 TERMINAL = ("Completed", "Failed", "Stopped")
@@ -144,7 +144,7 @@ def _extract(archive: Path, dest: Path) -> Path:
 
 def _log_model(config: Config, model_dir: Path):
     """The same pyfunc a local run logs (its input example from the local val split when there is one)."""
-    return records.log_model(model_dir, config, Path(config.train.data_dir) / "val")
+    return records.log_model(model_dir, config, split_location(config.train.data_dir, "val"))
 
 
 def record_job(config: Config, description: dict, *, s3=None, region: str | None = None, register: bool = True):

@@ -30,6 +30,7 @@ from bincounter.data.fetch import SHARDS, shard_of as fetched_shards
 from bincounter.data.split import SPLITS, read_split
 from bincounter.images import BadImage, decode_and_resize
 from bincounter.files import UnsafeName, remove_partials, safe_name, write_csv, write_text
+from bincounter.storage import open_folder
 
 LABELS_FILE = "labels.csv"
 LABEL_COLUMNS = ["image_id", "count", "shard", "offset", "size"]
@@ -152,56 +153,62 @@ def prepare(config: Config) -> dict[str, float]:
     return stats
 
 
-def read_labels(split_dir: str | os.PathLike) -> list[tuple[str, int, str, int, int]]:
-    """(image_id, count, shard, offset, size) rows of one prepared split/channel, checked against its shards
-    (present, and long enough for every photo they should hold); a one-line error for anything else."""
-    split_dir = Path(split_dir)
-    path = split_dir / LABELS_FILE
-    if not path.exists():
-        raise BincounterError(f"{path} not found: run `dvc repro` (prepare stage) first")
+def read_labels(split_dir) -> list[tuple[str, int, str, int, int]]:
+    """(image_id, count, shard, offset, size) rows of one prepared split/channel (a local folder or an
+    s3:// prefix), checked against its shards (present, and long enough for every photo they should hold);
+    a one-line error for anything else."""
+    folder = open_folder(split_dir)
+    where = f"{folder.uri}/{LABELS_FILE}"
+    not_labels = f"{where} is not prepared labels ({','.join(LABEL_COLUMNS)}); rerun `dvc repro prepare`"
+    try:
+        text = folder.read_bytes(LABELS_FILE).decode("utf-8")
+    except FileNotFoundError:
+        raise BincounterError(f"{where} not found: run `dvc repro` (prepare stage) first") from None
+    except UnicodeDecodeError:
+        raise BincounterError(not_labels) from None
     rows = []
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            for r in reader:
-                rows.append((safe_name(r["image_id"]), int(r["count"]), safe_name(r["shard"]), int(r["offset"]),
-                             int(r["size"])))
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        for r in reader:
+            rows.append((safe_name(r["image_id"]), int(r["count"]), safe_name(r["shard"]), int(r["offset"]),
+                         int(r["size"])))
     except UnsafeName as exc:
-        raise BincounterError(f"{path} line {reader.line_num}: {exc}") from None
-    except (KeyError, TypeError, ValueError, UnicodeDecodeError, csv.Error):
-        raise BincounterError(f"{path} is not prepared labels ({','.join(LABEL_COLUMNS)}); "
-                              "rerun `dvc repro prepare`") from None
-    _check_shards(split_dir, rows)
+        raise BincounterError(f"{where} line {reader.line_num}: {exc}") from None
+    except (KeyError, TypeError, ValueError, csv.Error):
+        raise BincounterError(not_labels) from None
+    _check_shards(folder, rows)
     return rows
 
 
-def _check_shards(split_dir: Path, rows: list[tuple[str, int, str, int, int]]) -> None:
+def _check_shards(folder, rows: list[tuple[str, int, str, int, int]]) -> None:
     needed: dict[str, int] = {}
     for _, _, shard, offset, size in rows:
         needed[shard] = max(needed.get(shard, 0), offset + size)
+    lengths = folder.sizes()
     for shard, end in sorted(needed.items()):
-        try:
-            length = (split_dir / shard).stat().st_size
-        except FileNotFoundError:
-            raise BincounterError(f"{split_dir}: shard {shard} is missing; rerun `dvc repro prepare`") from None
-        if length < end:
-            raise BincounterError(f"{split_dir}/{shard} is damaged (cut short at {length} of {end} bytes); "
+        if shard not in lengths:
+            raise BincounterError(f"{folder.uri}: shard {shard} is missing; rerun `dvc repro prepare`")
+        if lengths[shard] < end:
+            raise BincounterError(f"{folder.uri}/{shard} is damaged (cut short at {lengths[shard]} of {end} bytes); "
                                   "rerun `dvc repro prepare`")
 
 
-def verify_prepared(split_dirs: dict[str, Path], splits_dir: str | os.PathLike | None = None) -> None:
+def read_prepared_record(split_dir) -> dict:
+    """The split's prepared.json (written last by prepare): which run wrote it, from which CSV, at what size."""
+    folder = open_folder(split_dir)
+    try:
+        return json.loads(folder.read_bytes(PREPARED_FILE))
+    except FileNotFoundError:
+        raise BincounterError(f"{folder.uri} is incomplete (no {PREPARED_FILE}: an interrupted prepare?); "
+                              "rerun `dvc repro prepare`") from None
+    except (ValueError, UnicodeDecodeError):
+        raise BincounterError(f"{folder.uri}/{PREPARED_FILE} is unreadable; rerun `dvc repro prepare`") from None
+
+
+def verify_prepared(split_dirs: dict, splits_dir: str | os.PathLike | None = None) -> None:
     """Refuse prepared splits that one prepare run did not write together (an interrupted prepare), or that
     were prepared from other split CSVs than those in splits_dir (when given and present)."""
-    records = {}
-    for name, folder in split_dirs.items():
-        path = Path(folder) / PREPARED_FILE
-        try:
-            records[name] = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise BincounterError(f"{folder} is incomplete (no {PREPARED_FILE}: an interrupted prepare?); "
-                                  "rerun `dvc repro prepare`") from None
-        except (ValueError, UnicodeDecodeError):
-            raise BincounterError(f"{path} is unreadable; rerun `dvc repro prepare`") from None
+    records = {name: read_prepared_record(folder) for name, folder in split_dirs.items()}
     if len({r.get("generation") for r in records.values()}) > 1:
         raise BincounterError(f"the prepared splits {', '.join(records)} come from different prepare runs "
                               "(an interrupted prepare?); rerun `dvc repro prepare`")

@@ -136,7 +136,7 @@ class BinCounterPyfunc(mlflow.pyfunc.PythonModel):
                 logits = count_logits(self.model, batch, tta=config.get("tta", False))
                 chunks.append(probabilities(logits, config.get("temperature", 1.0)).cpu().numpy())
         probs = np.concatenate(chunks).astype(np.float64)
-        counts = decode_counts(probs, config.get("decode", "argmax"))
+        counts = decode_counts(probs, config.get("decode", "argmax"), config.get("decode_cuts"))
         return pd.DataFrame({
             "count": counts,
             "confidence": probs[np.arange(len(probs)), counts],

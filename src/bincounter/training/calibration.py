@@ -62,6 +62,38 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, counts: n
                      for share, confidence, accuracy in reliability(probs, targets, counts)))
 
 
+def fit_decode_cuts(probs: np.ndarray, targets: np.ndarray, passes: int = 3, candidates: int = 64) -> list[float]:
+    """The K-1 increasing cuts on the expected count that maximise macro accuracy on (probs, targets), for
+    `train.decode: thresholds`. A model trained without class weights pulls its expected count toward the
+    common middle counts, so rounding rarely reaches the extremes; moving the cuts (coordinate ascent from
+    the rounding cuts k + 0.5, each cut tried at quantiles of the expected counts between its neighbours)
+    gives each count its share without retraining. Rounding's cuts when there are too few bins to fit on."""
+    num_classes = probs.shape[1]
+    cuts = np.arange(num_classes - 1) + 0.5
+    if len(targets) < MIN_CALIBRATION_BINS:
+        return cuts.tolist()
+    expected = probs @ np.arange(num_classes)
+    present = np.unique(targets)
+
+    def macro(trial: np.ndarray) -> float:
+        counts = np.searchsorted(trial, expected)
+        return float(np.mean([np.mean(counts[targets == c] == c) for c in present]))
+
+    best = macro(cuts)
+    for _ in range(passes):
+        for i in range(num_classes - 1):
+            low = cuts[i - 1] if i > 0 else expected.min() - 1e-6
+            high = cuts[i + 1] if i < num_classes - 2 else expected.max() + 1e-6
+            inside = expected[(expected > low) & (expected < high)]
+            for value in np.unique(np.quantile(inside, np.linspace(0, 1, candidates))) if len(inside) else []:
+                trial = cuts.copy()
+                trial[i] = value
+                score = macro(trial)
+                if score > best + 1e-12:
+                    best, cuts = score, trial
+    return cuts.tolist()
+
+
 def reconcile_threshold(probs: np.ndarray, targets: np.ndarray, counts: np.ndarray,
                         precision: float = RECONCILE_PRECISION) -> float:
     """The lowest confidence above which the model's counts are right at least `precision` of the time on

@@ -6,21 +6,20 @@ Transforms work on uint8 CHW tensors; normalisation lives in the model (model.Bi
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 import warnings
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.utils.data import Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
-from bincounter.data.prepare import PREPARED_FILE, read_labels
+from bincounter.data.prepare import PREPARED_FILE, read_labels, read_prepared_record
 from bincounter.errors import BincounterError
 from bincounter.model import eval_transform
+from bincounter.storage import S3Folder, open_folder
 
 # torchvision 0.29 marks its JPEG decoder deprecated in favour of TorchCodec, which has no batched nvJPEG
 # decode of in-memory bytes yet; torchvision's stays the one that decodes on the GPU, so its notice is muted.
@@ -29,6 +28,7 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 
 
 MAX_ROTATION = 10.0  # degrees, at augment strength 1
+REMOTE_READS = 16  # ranged GETs in flight per loader worker when streaming from S3
 
 
 def train_transform(image_size: int, strength: float):
@@ -52,40 +52,47 @@ def train_transform(image_size: int, strength: float):
 
 
 class ShardDataset(Dataset):
-    """One prepared split. labels.csv says where each photo's JPEG lies in its shard; an item is one pread.
-    The JPEG is decoded here, in the loader worker (CPU), or, with on_device, handed over as bytes for
-    `batch_to` to decode the whole batch on the GPU (nvJPEG) and augment it there, when the CPU would
-    otherwise starve the GPU."""
+    """One prepared split, in a local folder or under an s3:// prefix. labels.csv says where each photo's
+    JPEG lies in its shard; an item is one pread (local) or one ranged GET (S3; a batch's GETs run
+    concurrently, see __getitems__). The JPEG is decoded here, in the loader worker (CPU), or, with
+    on_device, handed over as bytes for `batch_to` to decode the whole batch on the GPU (nvJPEG) and
+    augment it there, when the CPU would otherwise starve the GPU."""
 
     def __init__(self, split_dir, transform, on_device: bool = False):
-        self.split_dir = Path(split_dir)
-        rows = read_labels(self.split_dir)
+        self.folder = open_folder(split_dir)
+        rows = read_labels(self.folder)
         self.ids = [r[0] for r in rows]
         self.counts = torch.tensor([r[1] for r in rows], dtype=torch.int64)
         self.shards = [r[2] for r in rows]
         self.where = [(r[3], r[4]) for r in rows]
         self.transform, self.on_device = transform, on_device
-        self.stored_size = _stored_size(self.split_dir)
-        self._files: dict[str, int] = {}
-        self._pid = os.getpid()
-
-    def __getstate__(self):  # loader workers open their own file descriptors
-        return {**self.__dict__, "_files": {}}
+        try:
+            self.stored_size = int(read_prepared_record(self.folder)["image_size"])
+        except (KeyError, TypeError, ValueError):
+            raise BincounterError(f"{self.folder.uri}/{PREPARED_FILE} names no image size: "
+                                  "rerun `dvc repro prepare`") from None
+        self.remote = isinstance(self.folder, S3Folder)
 
     def __len__(self) -> int:
         return len(self.counts)
 
     def jpeg(self, index: int) -> torch.Tensor:
-        if self._pid != os.getpid():
-            self._files, self._pid = {}, os.getpid()
-        name = self.shards[index]
-        if name not in self._files:
-            self._files[name] = os.open(self.split_dir / name, os.O_RDONLY)
         offset, size = self.where[index]
-        return torch.frombuffer(bytearray(os.pread(self._files[name], size, offset)), dtype=torch.uint8)
+        return torch.frombuffer(bytearray(self.folder.read_range(self.shards[index], offset, size)), dtype=torch.uint8)
 
     def __getitem__(self, index: int):
-        data = self.jpeg(index)
+        return self._item(index, self.jpeg(index))
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """A batch at once (the DataLoader asks so): from S3 the ranged GETs overlap, since each waits on
+        the network rather than the CPU."""
+        if not self.remote:
+            return [self[i] for i in indices]
+        with ThreadPoolExecutor(max_workers=min(REMOTE_READS, len(indices))) as pool:
+            data = list(pool.map(self.jpeg, indices))
+        return [self._item(i, d) for i, d in zip(indices, data)]
+
+    def _item(self, index: int, data: torch.Tensor):
         if self.on_device:
             return data, self.counts[index]
         return self.transform(decode_jpeg(data, mode=ImageReadMode.RGB)), self.counts[index]
@@ -102,13 +109,6 @@ class ShardDataset(Dataset):
         if not self.on_device:
             return torch.utils.data.default_collate(batch)
         return [b[0] for b in batch], torch.stack([b[1] for b in batch])
-
-
-def _stored_size(split_dir: Path) -> int:
-    try:
-        return int(json.loads((split_dir / PREPARED_FILE).read_text())["image_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise BincounterError(f"{split_dir} has no readable {PREPARED_FILE}: rerun `dvc repro prepare`") from None
 
 
 class ShardSampler(Sampler):

@@ -16,7 +16,7 @@ from bincounter.errors import BincounterError, first_line
 from bincounter.model import MODEL_CONFIG_FILE, load_model_dir
 from bincounter.training import records
 from bincounter.training.metrics import METRIC_NAMES
-from bincounter.training.run import evaluate_split
+from bincounter.training.run import evaluate_split, split_location
 
 
 def local_model_dir(model_uri: str) -> Path:
@@ -33,7 +33,7 @@ def local_model_dir(model_uri: str) -> Path:
 
 
 def evaluate_model(config: Config, model_uri: str, split: str = "test") -> dict:
-    split_dir = Path(config.train.data_dir) / split if split in SPLITS else Path(split)
+    split_dir = split_location(config.train.data_dir, split) if split in SPLITS else split
     tracking.setup(config)
     model, model_config = load_model_dir(local_model_dir(model_uri))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -4,15 +4,16 @@ profile and its rules, and the model as the served pyfunc."""
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import mlflow
 import numpy as np
 
 from bincounter.config import Config
-from bincounter.data.prepare import LABELS_FILE, read_labels
+from bincounter.errors import BincounterError
+from bincounter.data.prepare import read_labels
 from bincounter.serving.pyfunc import example_image_b64, log_pyfunc
+from bincounter.storage import open_folder
 from bincounter.training.metrics import EPOCH_METRICS, confusion, plot_confusion, plot_per_class
 from bincounter.training.profiling import check_rules, write_report
 
@@ -67,19 +68,18 @@ def log_datasets(config: Config, data_dirs: dict[str, Path]) -> None:
     prepare run's id), with the context training / validation / test."""
     import pandas as pd
 
-    from bincounter.data.prepare import PREPARED_FILE
+    from bincounter.data.prepare import read_prepared_record
     from bincounter.tracking import dvc_hashes
 
     dvc_md5 = dvc_hashes(config).get("dvc.prepared.md5", "")
     for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
-        folder = Path(data_dirs[split])
+        folder = open_folder(data_dirs[split])
         rows = read_labels(folder)
         ids, counts = [r[0] for r in rows], [r[1] for r in rows]
-        marker = folder / PREPARED_FILE
-        generation = json.loads(marker.read_text()).get("generation", "") if marker.exists() else ""
+        generation = read_prepared_record(folder).get("generation", "")
         digest = (dvc_md5 or generation)[:32] or None
         frame = pd.DataFrame({"image_id": ids, "count": counts})
-        dataset = mlflow.data.from_pandas(frame, source=str(folder.resolve()), targets="count",
+        dataset = mlflow.data.from_pandas(frame, source=folder.resolved(), targets="count",
                                           name=f"abid-{split}", digest=digest)
         mlflow.log_input(dataset, context=context, tags={"prepare_generation": generation})
 
@@ -104,17 +104,23 @@ def log_profile(profile_dir: Path) -> None:
     mlflow.log_artifacts(str(profile_dir), PROFILE_DIR)
 
 
-def log_model(model_dir: Path, config: Config, val_dir: Path | None = None, register: bool = True):
+def log_model(model_dir: Path, config: Config, val_dir=None, register: bool = True):
     """The served pyfunc, its input example a real photo from the validation split when there is one."""
-    example = example_image_b64(_first_photo(val_dir) if val_dir is not None and (Path(val_dir) / LABELS_FILE).exists()
-                                else np.zeros((64, 64, 3), np.uint8))
-    return log_pyfunc(model_dir, example, config.mlflow.model_name if register else None)
+    return log_pyfunc(model_dir, example_image_b64(_example_photo(val_dir)),
+                      config.mlflow.model_name if register else None)
 
 
-def _first_photo(split_dir: Path) -> np.ndarray:
+def _example_photo(split_dir) -> np.ndarray:
+    """The split's first photo; a blank one when the split is not readable from here (after a SageMaker
+    job whose data lives only in its channels)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     from bincounter.training.dataset import ShardDataset
 
-    jpeg = ShardDataset(split_dir, transform=None).jpeg(0)
+    try:
+        jpeg = ShardDataset(split_dir, transform=None).jpeg(0) if split_dir is not None else None
+    except (BincounterError, OSError, IndexError):
+        jpeg = None
+    if jpeg is None:
+        return np.zeros((64, 64, 3), np.uint8)
     return decode_jpeg(jpeg, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()

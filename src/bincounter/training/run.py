@@ -20,7 +20,9 @@ from bincounter import tracking
 from bincounter.config import Config
 from bincounter.data.prepare import LABELS_FILE, verify_prepared
 from bincounter.data.split import SPLITS
+from bincounter.data.sync import CHANNELS
 from bincounter.errors import BincounterError
+from bincounter.storage import is_s3, open_folder
 from bincounter.model import BinCounterNet, count_logits, decode_counts, eval_transform, probabilities, save_model_dir
 from bincounter.training import records
 from bincounter.training.checkpoints import CHECKPOINT_FILE, checkpoint_run_id
@@ -28,6 +30,7 @@ from bincounter.training.dataset import ShardDataset
 from bincounter.training.calibration import (
     RECONCILE_PRECISION,
     expected_calibration_error,
+    fit_decode_cuts,
     fit_temperature,
     nll,
     reconcile_threshold,
@@ -49,15 +52,20 @@ class TrainOutcome:
     model_dir: Path | None = None
 
 
-def data_dirs_for(config: Config) -> dict[str, Path]:
-    """train/val/test under train.data_dir (data/prepared), checked to be there."""
-    root = Path(config.train.data_dir)
-    dirs = {name: root / name for name in SPLITS}
-    for path in dirs.values():
-        if not (path / LABELS_FILE).exists():
-            raise BincounterError(f"{path}/{LABELS_FILE} not found: run `dvc repro` first (or set --data-dir)")
+def data_dirs_for(config: Config) -> dict:
+    """train/val/test under train.data_dir, checked to be there: local folders (data/prepared), or the
+    channels train/validation/test of an s3:// prefix written by the sync stage, streamed from S3."""
+    dirs = {name: split_location(config.train.data_dir, name) for name in SPLITS}
+    for location in dirs.values():
+        if LABELS_FILE not in open_folder(location).sizes():
+            raise BincounterError(f"{location}/{LABELS_FILE} not found: run `dvc repro` first (or set --data-dir)")
     verify_prepared(dirs, config.split.out_dir)
     return dirs
+
+
+def split_location(root: str, split: str):
+    """One split under a prepared root: root/<split> locally, root/<channel> under an s3:// sync prefix."""
+    return f"{root.rstrip('/')}/{CHANNELS[split]}" if is_s3(root) else Path(root) / split
 
 
 def run_training(config: Config, data_dirs: dict[str, Path], *, resume: bool = False,
@@ -147,9 +155,10 @@ def calibrate(result, val_dir: Path, config: Config, device: torch.device) -> di
     temperature = fit_temperature(logits, targets) if cfg.calibrate else 1.0
     before = probabilities(torch.from_numpy(logits)).numpy()
     after = probabilities(torch.from_numpy(logits), temperature).numpy()
-    counts = decode_counts(after, cfg.decode)
+    cuts = fit_decode_cuts(after, targets)  # always recorded: evaluation reports every decode side by side
+    counts = decode_counts(after, cfg.decode, cuts)
     threshold = reconcile_threshold(after, targets, counts)
-    result.model_config.update(temperature=temperature, reconcile_threshold=threshold,
+    result.model_config.update(temperature=temperature, decode_cuts=cuts, reconcile_threshold=threshold,
                                reconcile_precision=RECONCILE_PRECISION)
     metrics = {"temperature": temperature, "val_ece_before": expected_calibration_error(before, targets),
                "val_ece_after": expected_calibration_error(after, targets), "val_nll_before": nll(before, targets),
@@ -165,11 +174,12 @@ def evaluate_split(model: BinCounterNet, split_dir: Path, model_config: dict, de
     logits, targets, ids = split_logits(model, split_dir, model_config, device, batch_size)
     probs = probabilities(torch.from_numpy(logits), model_config.get("temperature", 1.0)).numpy().astype(np.float64)
     num_classes = model_config["max_count"] + 1
-    predictions = decode_counts(probs, model_config.get("decode", "argmax"))
+    cuts = model_config.get("decode_cuts")
+    predictions = decode_counts(probs, model_config.get("decode", "argmax"), cuts)
     metrics = counting_metrics(targets, predictions, num_classes)
     metrics["ece"] = expected_calibration_error(probs, targets, predictions)
-    for how in ("argmax", "expected"):
+    for how in ("argmax", "expected", "thresholds"):
         metrics.update({f"{how}_{k}": v for k, v in counting_metrics(
-            targets, decode_counts(probs, how), num_classes).items() if k in METRIC_NAMES})
+            targets, decode_counts(probs, how, cuts), num_classes).items() if k in METRIC_NAMES})
     return {"metrics": metrics, "targets": targets, "predictions": predictions, "probabilities": probs,
             "expected": probs @ np.arange(num_classes), "ids": ids}
