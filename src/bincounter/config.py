@@ -100,7 +100,8 @@ class TrainConfig:
     loss: str = knob("emd", "ce | emd (cross-entropy + squared earth mover's distance, ordinal-aware) | sord "
                      "(cross-entropy against soft ordinal labels)", choices=("ce", "emd", "sord"))
     emd_weight: float = knob(1.0, "weight of the emd term", min=0.0, max=1000.0)
-    class_balance: str = knob("weighted_loss", "weighted_loss | sampler | none",
+    class_balance: str = knob("none", "none | weighted_loss | sampler (none: the best RMSE at equal macro "
+                              "accuracy in benchmarks/quality.md)",
                               choices=("weighted_loss", "sampler", "none"))
     augment: float = knob(0.5, "augmentation strength 0..1", min=0.0, max=1.0)
     image_size: int = knob(224, "model input size (px)", min=16, max=2048)
@@ -139,7 +140,7 @@ DEFAULT_SPACE = {
     "arch": {"type": "categorical", "choices": ["resnet18", "resnet34", "resnet50"]},
     "weight_decay": {"type": "float", "low": 0.000001, "high": 0.01, "log": True},
     "augment": {"type": "float", "low": 0.0, "high": 1.0},
-    "loss": {"type": "categorical", "choices": ["ce", "emd"]},
+    "loss": {"type": "categorical", "choices": ["ce", "emd", "sord"]},
 }
 
 
