@@ -535,6 +535,30 @@ def test_hand_edited_or_damaged_prepared_data_is_one_line(prepared_copy, tmp_pat
     assert code == 1 and last.startswith("error: ") and re.search(message, last), last
 
 
+def test_a_photo_damaged_inside_its_shard_stops_training_in_one_line(prepared_copy, tmp_path, capsys):
+    """Same length, so the up-front checks pass: the JPEG fails to decode in a loader worker, and the error
+    that torch re-raises in the main process (with the worker's traceback) still reaches the user as one line."""
+    import csv
+
+    config = config_on(prepared_copy, tmp_path)
+    train = prepared_copy / "data/prepared/train"
+    with open(train / "labels.csv", newline="") as handle:
+        first = next(csv.DictReader(handle))
+    shard = bytearray((train / first["shard"]).read_bytes())
+    offset, size = int(first["offset"]), int(first["size"])
+    shard[offset : offset + size] = bytes(size)
+    (train / first["shard"]).write_bytes(bytes(shard))
+    code = main(["train", "--params", empty_params(tmp_path), "--data-dir", str(prepared_copy / "data/prepared"),
+                 "--arch", "resnet18", "--image-size", "64", "--num-workers", "1", "--epochs", "1",
+                 "--set", f"split.out_dir={prepared_copy / 'data/splits'}",
+                 "--set", f"mlflow.tracking_uri={config.mlflow.tracking_uri}",
+                 "--set", f"mlflow.artifact_location={config.mlflow.artifact_location}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (f"error: {train}/{first['shard']}: photo {first['image_id']} is not a "
+                                            "readable JPEG (a damaged shard?); rerun `dvc repro prepare`")
+
+
 def test_a_params_file_nested_too_deeply_is_one_line(tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text("data: " + "[" * 3000 + "]" * 3000 + "\n")

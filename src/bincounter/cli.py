@@ -14,7 +14,7 @@ import sys
 from typing import Callable
 
 from bincounter.config import Knob, knobs, load_config, train_knobs
-from bincounter.errors import BincounterError
+from bincounter.errors import BincounterError, user_message
 
 HPO_KNOBS = ("n_trials", "n_jobs", "objective")
 
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except BincounterError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: partial results were not kept; rerun to resume", file=sys.stderr)

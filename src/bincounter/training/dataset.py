@@ -95,7 +95,12 @@ class ShardDataset(Dataset):
     def _item(self, index: int, data: torch.Tensor):
         if self.on_device:
             return data, self.counts[index]
-        return self.transform(decode_jpeg(data, mode=ImageReadMode.RGB)), self.counts[index]
+        try:
+            image = decode_jpeg(data, mode=ImageReadMode.RGB)
+        except RuntimeError:  # the shard's length was checked up front; its bytes can still be damaged
+            raise BincounterError(f"{self.folder.uri}/{self.shards[index]}: photo {self.ids[index]} is not a "
+                                  "readable JPEG (a damaged shard?); rerun `dvc repro prepare`") from None
+        return self.transform(image), self.counts[index]
 
     def batch_to(self, images, device: torch.device) -> torch.Tensor:
         """The loader's batch as model input on device: moved as it is, or decoded and augmented there."""
