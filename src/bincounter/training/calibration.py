@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bincounter.training.metrics import counting_metrics
+
 ECE_BINS = 15
 MIN_CALIBRATION_BINS = 50  # fewer validation bins cannot pin a temperature down (it would chase the few)
 RECONCILE_PRECISION = 0.9  # reconcile flags a record when the model is at least this sure of another count
@@ -73,11 +75,9 @@ def fit_decode_cuts(probs: np.ndarray, targets: np.ndarray, passes: int = 3, can
     if len(targets) < MIN_CALIBRATION_BINS:
         return cuts.tolist()
     expected = probs @ np.arange(num_classes)
-    present = np.unique(targets)
 
     def macro(trial: np.ndarray) -> float:
-        counts = np.searchsorted(trial, expected)
-        return float(np.mean([np.mean(counts[targets == c] == c) for c in present]))
+        return counting_metrics(targets, np.searchsorted(trial, expected), num_classes)["macro_accuracy"]
 
     best = macro(cuts)
     for _ in range(passes):

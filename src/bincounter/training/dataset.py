@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -19,7 +18,7 @@ from torchvision.transforms import v2
 from bincounter.data.prepare import PREPARED_FILE, read_labels, read_prepared_record
 from bincounter.errors import BincounterError
 from bincounter.model import eval_transform
-from bincounter.storage import S3Folder, open_folder
+from bincounter.storage import open_folder
 
 # torchvision 0.29 marks its JPEG decoder deprecated in favour of TorchCodec, which has no batched nvJPEG
 # decode of in-memory bytes yet; torchvision's stays the one that decodes on the GPU, so its notice is muted.
@@ -28,7 +27,6 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 
 
 MAX_ROTATION = 10.0  # degrees, at augment strength 1
-REMOTE_READS = 16  # ranged GETs in flight per loader worker when streaming from S3
 
 
 def train_transform(image_size: int, strength: float):
@@ -71,26 +69,24 @@ class ShardDataset(Dataset):
         except (KeyError, TypeError, ValueError):
             raise BincounterError(f"{self.folder.uri}/{PREPARED_FILE} names no image size: "
                                   "rerun `dvc repro prepare`") from None
-        self.remote = isinstance(self.folder, S3Folder)
 
     def __len__(self) -> int:
         return len(self.counts)
 
     def jpeg(self, index: int) -> torch.Tensor:
-        offset, size = self.where[index]
-        return torch.frombuffer(bytearray(self.folder.read_range(self.shards[index], offset, size)), dtype=torch.uint8)
+        return self.jpegs([index])[0]
+
+    def jpegs(self, indices: list[int]) -> list[torch.Tensor]:
+        """The JPEG bytes of these photos, read together (concurrent GETs from S3, preads locally)."""
+        reads = [(self.shards[i], *self.where[i]) for i in indices]
+        return [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in self.folder.read_ranges(reads)]
 
     def __getitem__(self, index: int):
         return self._item(index, self.jpeg(index))
 
     def __getitems__(self, indices: list[int]) -> list:
-        """A batch at once (the DataLoader asks so): from S3 the ranged GETs overlap, since each waits on
-        the network rather than the CPU."""
-        if not self.remote:
-            return [self[i] for i in indices]
-        with ThreadPoolExecutor(max_workers=min(REMOTE_READS, len(indices))) as pool:
-            data = list(pool.map(self.jpeg, indices))
-        return [self._item(i, d) for i, d in zip(indices, data)]
+        """A batch at once (the DataLoader asks so), so that from S3 its ranged GETs overlap."""
+        return [self._item(i, data) for i, data in zip(indices, self.jpegs(indices))]
 
     def _item(self, index: int, data: torch.Tensor):
         if self.on_device:

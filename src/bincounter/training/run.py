@@ -22,8 +22,8 @@ from bincounter.data.prepare import LABELS_FILE, verify_prepared
 from bincounter.data.split import SPLITS
 from bincounter.data.sync import CHANNELS
 from bincounter.errors import BincounterError
-from bincounter.storage import is_s3, open_folder
 from bincounter.model import BinCounterNet, count_logits, decode_counts, eval_transform, probabilities, save_model_dir
+from bincounter.storage import is_s3, open_folder
 from bincounter.training import records
 from bincounter.training.checkpoints import CHECKPOINT_FILE, checkpoint_run_id
 from bincounter.training.dataset import ShardDataset
