@@ -89,7 +89,8 @@ def build(root: Path, args):
 
 def run_recipe(config, root: Path) -> tuple[dict, float, int]:
     """Train the recipe; -> ({decode: test metrics}, seconds, best epoch). One trained model is scored with
-    each decode rule (argmax, expected, thresholds fitted on validation), the configured one first."""
+    each decode rule (argmax, expected, thresholds fitted on validation), with and without flip TTA, the
+    configured setting first."""
     import torch
 
     from bincounter.model import decode_counts, load_model_dir
@@ -102,13 +103,16 @@ def run_recipe(config, root: Path) -> tuple[dict, float, int]:
     seconds = time.perf_counter() - t0
     best_epoch = json.loads((root / "model" / METRICS_FILE).read_text())["best_epoch"]
     model, model_config = load_model_dir(root / "model")
-    test = evaluate_split(model, root / "prepared" / "test", model_config, torch.device("cpu"))
-    probs, targets = test["probabilities"], test["targets"]
+    trained_tta = bool(model_config.get("tta", False))
     scored = {}
-    for how in dict.fromkeys((config.train.decode, "argmax", "expected", "thresholds")):
-        counts = decode_counts(probs, how, model_config.get("decode_cuts"))
-        scored[how] = counting_metrics(targets, counts, probs.shape[1])
-        scored[how]["ece"] = expected_calibration_error(probs, targets, counts)
+    for tta in (trained_tta, not trained_tta):
+        settings = dict(model_config, tta=tta)
+        test = evaluate_split(model, root / "prepared" / "test", settings, torch.device("cpu"))
+        probs, targets = test["probabilities"], test["targets"]
+        for how in dict.fromkeys((config.train.decode, "argmax", "expected", "thresholds")):
+            counts = decode_counts(probs, how, model_config.get("decode_cuts"))
+            scored[tta, how] = counting_metrics(targets, counts, probs.shape[1])
+            scored[tta, how]["ece"] = expected_calibration_error(probs, targets, counts)
     return scored, seconds, int(best_epoch)
 
 
@@ -150,8 +154,9 @@ def main() -> None:
         sizes = {n: len((root / "splits" / f"{n}.csv").read_text().splitlines()) - 1 for n in ("train", "val", "test")}
         name = args.name or f"{tracking.recipe_name(config)} ({args.strategy})"
         scored, seconds, best = run_recipe(config, root)
-        for how, metrics in scored.items():
-            label = name if how == config.train.decode else f"same model, decode={how}"
+        for (tta, how), metrics in scored.items():
+            label = name if (tta, how) == (config.train.tta, config.train.decode) else \
+                f"same model, {'flip TTA, ' if tta else ''}decode={how}"
             lines.append(row(label, metrics, seconds, best, args.epochs))
             print(lines[-1], flush=True)
         if args.baseline:

@@ -31,6 +31,7 @@ from bincounter.training.loop import autocast_dtype, fit, train_one_epoch
 from bincounter.training.loss import make_loss
 
 ROOT = Path(__file__).resolve().parents[1]
+HEAD = "backbone.fc.weight"
 
 
 def rule(results, name):
@@ -176,6 +177,30 @@ def test_resume_continues_from_the_saved_epoch(prepared, tmp_path, capsys):
     assert "continuing after epoch 1" in capsys.readouterr().out
     assert len(second.epoch_metrics) == 2 and second.epoch_metrics[0] == first.epoch_metrics[0]
     assert torch.load(tmp_path / "checkpoints" / CHECKPOINT_FILE, weights_only=False)["epoch"] == 2
+
+
+def test_weight_average_is_what_is_validated_saved_and_resumed(prepared, tmp_path):
+    dirs = {n: prepared / "data/prepared" / n for n in ("train", "val", "test")}
+    for name in ("plain", "ema", "resumed"):
+        (tmp_path / name).mkdir()
+    knobs = {"train.epochs": 2, "train.profile_steps": 0, "train.num_workers": 0, "train.patience": 5}
+    plain = fit(config_on(prepared, tmp_path / "plain", **knobs), dirs)
+    averaged = fit(config_on(prepared, tmp_path / "ema", **knobs, **{"train.ema": 0.9}), dirs)
+    state = torch.load(tmp_path / "ema" / "checkpoints" / CHECKPOINT_FILE, weights_only=True)
+    trained = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    # the raw weights carry on; the averaged ones lag behind them, and the result is the average
+    assert int(state["ema"]["n_averaged"]) > 1
+    assert not torch.equal(state["model"][HEAD], trained[HEAD])
+    if averaged.best_epoch == 2:
+        assert torch.equal(averaged.model.state_dict()[HEAD], trained[HEAD])
+    assert not torch.equal(plain.model.state_dict()[HEAD], averaged.model.state_dict()[HEAD])
+    # one epoch, then a resume: the average carries on over both epochs' steps instead of starting again
+    first = config_on(prepared, tmp_path / "resumed", **{**knobs, "train.epochs": 1, "train.ema": 0.9})
+    fit(first, dirs)
+    first.train.epochs = 2
+    fit(first, dirs, resume=True)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / CHECKPOINT_FILE, weights_only=True)
+    assert int(resumed["ema"]["n_averaged"]) == int(state["ema"]["n_averaged"])
 
 
 def test_checkpoint_holds_the_resolved_config_and_refuses_a_different_shape(prepared, tmp_path):

@@ -104,6 +104,8 @@ class TrainConfig:
                               "accuracy in benchmarks/quality.md)",
                               choices=("weighted_loss", "sampler", "none"))
     augment: float = knob(0.5, "augmentation strength 0..1", min=0.0, max=1.0)
+    ema: float = knob(0.0, "weight EMA decay per optimizer step (0 = off; e.g. 0.998): validation, early "
+                      "stopping and the saved model use the averaged weights", min=0.0, max=0.99999)
     image_size: int = knob(224, "model input size (px)", min=16, max=2048)
     seed: int = knob(42, "random seed")
     patience: int = knob(4, "early stopping: epochs without a better validation macro_accuracy", min=1)

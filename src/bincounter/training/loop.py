@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
@@ -153,8 +154,9 @@ def to_device(loader, images, device: torch.device) -> torch.Tensor:
 
 def train_one_epoch(model, loader, optimizer, loss_fn: CountLoss, device: torch.device, history: RunHistory, *,
                     amp_dtype: torch.dtype | None = None, recorder=None, desc: str = "train",
-                    show_progress: bool = True) -> float:
-    """One pass over loader; -> mean training loss. Raises TrainingDiverged on a non-finite loss."""
+                    show_progress: bool = True, ema: AveragedModel | None = None) -> float:
+    """One pass over loader; -> mean training loss. Raises TrainingDiverged on a non-finite loss.
+    ema, when given, averages the weights after every optimizer step."""
     model.train()
     timer = StepTimer(history, device)
     total, n = 0.0, 0
@@ -173,6 +175,8 @@ def train_one_epoch(model, loader, optimizer, loss_fn: CountLoss, device: torch.
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=float("inf"))
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
         timer.step_done()
         value = loss.item()
         history.step_losses.append(value)
@@ -206,6 +210,14 @@ def predict_loader(model: torch.nn.Module, loader, device: torch.device, *, amp_
         probs.append(F.softmax(logits.float(), dim=1).cpu().numpy())
         targets.append(counts.cpu().numpy())
     return np.concatenate(probs), np.concatenate(targets), (total / n if n else float("nan"))
+
+
+def weight_average(model: torch.nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of the weights and BatchNorm statistics (None when decay is 0).
+    Its weights move less from one noisy step to the next than the trained ones do."""
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def build_optimizer(model, cfg: TrainConfig):
@@ -253,12 +265,14 @@ def fit(config: Config, data_dirs: dict[str, Path], *, resume: bool = False, pro
     model = build_model(cfg.arch, num_classes, cfg.pretrained, cfg.weights_path).to(device)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    ema = weight_average(model, cfg.ema)
+    scored = ema.module if ema is not None else model  # what is validated, kept as best and saved
     result = FitResult(model=model, history=RunHistory(device=device.type), device=device.type,
                        precision="bf16" if amp_dtype else "fp32")
     checkpoint_path = Path(cfg.checkpoint_dir) / CHECKPOINT_FILE
     progress = _Progress()
     if resume:
-        progress = _restore(checkpoint_path, config, model, optimizer, scheduler, generator, result)
+        progress = _restore(checkpoint_path, config, model, optimizer, scheduler, generator, result, ema)
 
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     recorder = TraceRecorder(profile_dir, cfg.profile_steps, device) if profile_dir and rank == 0 else None
@@ -269,11 +283,12 @@ def fit(config: Config, data_dirs: dict[str, Path], *, resume: bool = False, pro
         with recorder if profiling else contextlib.nullcontext():
             train_loss = train_one_epoch(train_model, train_loader, optimizer, loss_fn, device, result.history,
                                          amp_dtype=amp_dtype, recorder=recorder if profiling else None,
-                                         desc=f"epoch {epoch + 1}/{cfg.epochs}", show_progress=rank == 0)
+                                         desc=f"epoch {epoch + 1}/{cfg.epochs}", show_progress=rank == 0,
+                                         ema=ema)
         if profiling:
             result.trace_dir, result.top_operators = recorder.out_dir, recorder.table
         scheduler.step()
-        probs, targets, val_loss = predict_loader(model, val_loader, device, amp_dtype=amp_dtype, loss_fn=loss_fn)
+        probs, targets, val_loss = predict_loader(scored, val_loader, device, amp_dtype=amp_dtype, loss_fn=loss_fn)
         metrics = counting_metrics(targets, probs.argmax(1), num_classes)
         metrics.update(train_loss=train_loss, val_loss=val_loss, lr=optimizer.param_groups[0]["lr"])
         result.history.train_loss.append(train_loss)
@@ -281,7 +296,7 @@ def fit(config: Config, data_dirs: dict[str, Path], *, resume: bool = False, pro
         result.epoch_metrics.append(metrics)
         if metrics["macro_accuracy"] > progress.best_score:
             progress.best_score, progress.bad_epochs, result.best_epoch = metrics["macro_accuracy"], 0, epoch + 1
-            progress.best_state = copy.deepcopy(model.state_dict())
+            progress.best_state = copy.deepcopy(scored.state_dict())
         else:
             progress.bad_epochs += 1
         if on_epoch is not None:  # MLflow gets the epoch before the checkpoint: a resume never skips one
@@ -290,6 +305,7 @@ def fit(config: Config, data_dirs: dict[str, Path], *, resume: bool = False, pro
             save_checkpoint(checkpoint_path, {
                 "epoch": epoch + 1, "config": config.to_dict(), "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
                 "best_score": progress.best_score, "bad_epochs": progress.bad_epochs,
                 "best_state": progress.best_state, "best_epoch": result.best_epoch,
                 "epoch_metrics": result.epoch_metrics, "history": result.history.to_dict(),
@@ -301,8 +317,8 @@ def fit(config: Config, data_dirs: dict[str, Path], *, resume: bool = False, pro
             print(f"early stopping: validation macro_accuracy has not improved for {cfg.patience} epochs")
             break
     if progress.best_state is not None:
-        model.load_state_dict(progress.best_state)
-    result.model = model.eval()
+        scored.load_state_dict(progress.best_state)
+    result.model = scored.eval()
     result.model_config = {
         "arch": cfg.arch, "max_count": config.data.max_count, "image_size": cfg.image_size,
         "stored_size": train_loader.dataset.stored_size, "loss": cfg.loss,
@@ -310,7 +326,8 @@ def fit(config: Config, data_dirs: dict[str, Path], *, resume: bool = False, pro
     return result
 
 
-def _restore(path: Path, config: Config, model, optimizer, scheduler, generator, result: FitResult) -> _Progress:
+def _restore(path: Path, config: Config, model, optimizer, scheduler, generator, result: FitResult,
+             ema: AveragedModel | None) -> _Progress:
     state = load_checkpoint(path, config.to_dict())
     if state is None:
         print(f"resume: no checkpoint at {path}; starting from epoch 1")
@@ -318,6 +335,8 @@ def _restore(path: Path, config: Config, model, optimizer, scheduler, generator,
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if ema is not None and state.get("ema"):
+        ema.load_state_dict(state["ema"])
     result.best_epoch, result.epoch_metrics = state["best_epoch"], state["epoch_metrics"]
     result.history = RunHistory.from_dict(state["history"])
     torch.set_rng_state(state["rng"]["torch"])
