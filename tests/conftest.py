@@ -199,6 +199,13 @@ def catalog_and_fetch(config):
     return fetch(config.data)
 
 
+def fetched_ok(config) -> list[str]:
+    """The ids fetch's index.csv records as ok, sorted: what the split stage will label."""
+    from bincounter.data.fetch import read_index
+
+    return sorted(row["image_id"] for row in read_index(Path(config.data.raw_dir)) if row["status"] == "ok")
+
+
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
     """The fixture images catalogued, fetched, split and prepared once (72 px) for every test that trains."""

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import catalog_and_fetch, empty_params, FIXTURES, SOURCE_BUCKET, fixture_labels, make_config, public_read, seed_bucket, write_manifest
+from conftest import catalog_and_fetch, fetched_ok, empty_params, FIXTURES, SOURCE_BUCKET, fixture_labels, make_config, public_read, seed_bucket, write_manifest
 
 from bincounter.cli import main
 from bincounter.data import shards
@@ -42,7 +42,7 @@ def test_fetch_writes_every_bin_into_shards_not_files(aws, tmp_path):
     config = s3_config(tmp_path, seed_bucket())
     ids = sorted(i for i, count in labels.items() if count <= config.data.max_count)  # the catalog's query
     report = catalog_and_fetch(config)
-    assert sorted(report.ids_with("ok")) == ids
+    assert fetched_ok(config) == ids and report.counts == {"ok": len(ids)}
     members = fetched(config)
     for image_id in ids:
         assert members[f"{image_id}.jpg"] == (FIXTURES / "bin-images" / f"{image_id}.jpg").read_bytes()
@@ -112,13 +112,13 @@ def test_bad_photos_are_rejected_with_the_reason_and_kept_out_of_the_shard(aws, 
     client.delete_object(Bucket=SOURCE_BUCKET, Key=f"bin-images/{ids[2]}.jpg")
     config = s3_config(tmp_path, ids)
     report = catalog_and_fetch(config)
-    reasons = {i: r for i, (s, r) in report.statuses.items() if s == "rejected"}
+    reasons = {i: r for i, (s, r) in report.problems.items() if s == "rejected"}
     assert set(reasons) == {ids[0], ids[1], ids[2]}  # seed_bucket's first ids hold counts the query selects
     assert "corrupt JPEG" in reasons[ids[0]] and reasons[ids[1]] == "not an image"
     assert reasons[ids[2]] == f"missing from source: bin-images/{ids[2]}.jpg"
     members = fetched(config)
     assert not {f"{i}{ext}" for i in ids[:3] for ext in (".jpg", ".json")} & set(members)  # nothing broken kept
-    assert len(members) == 2 * (len(report.statuses) - 3)
+    assert len(members) == 2 * report.counts["ok"] and report.counts["rejected"] == 3
     assert not list(Path(config.data.raw_dir).rglob("*.part"))
     index = (Path(config.data.raw_dir) / "index.csv").read_text()
     assert f"{ids[1]},rejected,not an image" in index
@@ -160,9 +160,9 @@ def test_balanced_query_fetches_per_class(aws, tmp_path):
     seed_bucket()
     config = make_config(tmp_path, **{"data.source": f"s3://{SOURCE_BUCKET}", "data.subset": "balanced",
                                       "data.per_class": 3, "data.max_count": 5})
-    report = catalog_and_fetch(config)
+    catalog_and_fetch(config)
     labels = fixture_labels()
-    chosen = report.ids_with("ok")
+    chosen = fetched_ok(config)
     assert sorted(labels[i] for i in chosen) == sorted(list(range(6)) * 3)
 
 
@@ -238,7 +238,8 @@ def test_endpoint_going_away_mid_fetch_then_resume(aws, tmp_path, monkeypatch):
         assert data == (FIXTURES / folder / name).read_bytes()
     monkeypatch.setenv("AWS_ENDPOINT_URL", aws.url)
     report = fetch(config.data)
-    assert sorted(report.ids_with("ok")) == sorted(i for i in report.statuses if f"{i}.jpg" not in members)
-    assert len(members) // 2 + len(report.statuses) == sum(c <= 5 for c in fixture_labels().values())
+    wanted = sorted(i for i, c in fixture_labels().items() if c <= 5)
+    assert fetched_ok(config) == wanted  # the kept shards' bins and the ones this rerun fetched
+    assert report.counts == {"ok": len(wanted) - len(members) // 2}
     assert report.shards_kept == len(kept)
     assert {n: t for n, t in shard_files(config).items() if n in kept} == kept

@@ -22,7 +22,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from conftest import FIXTURES, catalog_and_fetch, config_on, empty_params, fixture_b64, fixture_labels, make_config, write_manifest
+from conftest import FIXTURES, catalog_and_fetch, fetched_ok, config_on, empty_params, fixture_b64, fixture_labels, make_config, write_manifest
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
@@ -79,7 +79,7 @@ def test_fetch_rejects_ids_that_are_paths_and_writes_nothing_outside_raw(tmp_pat
     config = source_config(tmp_path, source, IDS + HOSTILE_IDS)
     before = snapshot(tmp_path, skip=(tmp_path / "work",))
     report = catalog_and_fetch(config)
-    assert sorted(report.ids_with("ok")) == sorted(IDS)
+    assert fetched_ok(config) == sorted(IDS) and report.counts["ok"] == len(IDS)
     catalog = read_catalog(config.data.catalog).to_pylist()
     rejected = {row["image_id"]: row["reason"] for row in catalog if row["status"] == "rejected"}
     assert len(rejected) == len(HOSTILE_IDS) and all(r.startswith("unsafe id") for r in rejected.values())
@@ -134,10 +134,10 @@ def test_metadata_a_parser_chokes_on_is_one_rejected_bin(tmp_path, content, reas
     source = local_source(tmp_path)
     (source / "metadata" / f"{IDS[1]}.json").write_bytes(content)
     config = source_config(tmp_path, source, IDS)
-    report = catalog_and_fetch(config)
+    catalog_and_fetch(config)
     row = next(r for r in read_catalog(config.data.catalog).to_pylist() if r["image_id"] == IDS[1])
     assert (row["status"], row["reason"]) == ("rejected", reason)
-    assert sorted(report.ids_with("ok")) == sorted(IDS[:1] + IDS[2:])
+    assert fetched_ok(config) == sorted(IDS[:1] + IDS[2:])
 
 
 def test_split_and_reconcile_go_on_past_a_damaged_record(trained, tmp_path, capsys):

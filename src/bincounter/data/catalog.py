@@ -7,6 +7,7 @@ is written every CHECKPOINT newly read bins, atomically, so a run killed midway 
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -73,25 +74,45 @@ def _previous(path: str) -> pa.Table:
     return read_catalog(path) if Path(path).exists() else SCHEMA.empty_table()
 
 
-def _plan(cfg: DataConfig, source: Source, previous: pa.Table) -> tuple[list[str], pa.Table]:
-    """(ids to read, in reading order; the rows of the last run that stay as they are)."""
+def _plan(cfg: DataConfig, source: Source, previous: pa.Table) -> tuple[pa.Array, pa.Table]:
+    """(ids to read, in reading order; the rows of the last run that stay as they are). Arrow arrays, not
+    Python dicts and sets: a listing of the whole bucket costs tens of bytes a bin, not hundreds."""
     old_ids = previous["image_id"]
     if cfg.subset in LISTING:
-        listed = dict(source.list_metadata())
-        ids = sorted(listed)  # sorted first: the seeded order must not depend on the listing's order
-        random.Random(cfg.seed).shuffle(ids)  # a truncated catalog is a random sample, not the lowest ids
-        ids = ids[: cfg.max_candidates] if cfg.max_candidates else ids
-        old_etags = dict(zip(old_ids.to_pylist(), previous["etag"].to_pylist()))
-        same = {i for i in ids if listed[i] is not None and old_etags.get(i) == listed[i]}
+        ids, etags = _listing(source)
+        order = list(range(len(ids)))  # sorted first: the seeded order must not depend on the listing's order
+        random.Random(cfg.seed).shuffle(order)  # a truncated catalog is a random sample, not the lowest ids
+        order = np.asarray(order[: cfg.max_candidates] if cfg.max_candidates else order, dtype=np.int64)
+        ids, etags = ids.take(order), etags.take(order)
+        where_before = pc.index_in(ids, value_set=old_ids)  # null: not catalogued before
+        same = pc.equal(etags, previous["etag"].combine_chunks().take(where_before)).fill_null(False)
     else:  # a manifest lists no ETags: bins catalogued ok stay, rejected ones are retried
-        ids = read_manifest(cfg.subset)
-        ok = pc.equal(previous["status"], "ok")
-        same = set(old_ids.filter(ok).to_pylist()) & set(ids)
-    kept = previous.filter(pc.is_in(old_ids, value_set=pa.array(sorted(same), pa.string())))
-    return [i for i in ids if i not in same], kept
+        ids = pa.array(read_manifest(cfg.subset), pa.string())
+        same = pc.is_in(ids, value_set=old_ids.filter(pc.equal(previous["status"], "ok")))
+    kept = previous.filter(pc.is_in(old_ids, value_set=ids.filter(same)))
+    return ids.filter(pc.invert(same)), kept
 
 
-def _read_all(cfg: DataConfig, source: Source, todo: list[str], rows: _Rows) -> dict[str, str]:
+def _listing(source: Source, page: int = 100_000) -> tuple[pa.Array, pa.Array]:
+    """(ids sorted, their ETags) of every listed metadata object, gathered a page of Python pairs at a time."""
+    id_chunks, etag_chunks = [], []
+    pairs = iter(source.list_metadata())
+    while chunk := list(itertools.islice(pairs, page)):
+        id_chunks.append(pa.array([i for i, _ in chunk], pa.string()))
+        etag_chunks.append(pa.array([e for _, e in chunk], pa.string()))
+    ids = pa.chunked_array(id_chunks, pa.string()).combine_chunks()
+    etags = pa.chunked_array(etag_chunks, pa.string()).combine_chunks()
+    order = pc.sort_indices(ids)
+    return ids.take(order), etags.take(order)
+
+
+def _each(ids: pa.Array, batch: int = 10_000) -> Iterator[str]:
+    """The ids as Python strings, a slice at a time (a list of every id would cost ~60 bytes a bin)."""
+    for start in range(0, len(ids), batch):
+        yield from ids.slice(start, batch).to_pylist()
+
+
+def _read_all(cfg: DataConfig, source: Source, todo: pa.Array, rows: _Rows) -> dict[str, str]:
     """Read todo into rows, writing a checkpoint every CHECKPOINT; -> {id: reason} of transient failures."""
     failed: dict[str, str] = {}
     streak, warnings = FailureStreak(source), 0
@@ -99,7 +120,7 @@ def _read_all(cfg: DataConfig, source: Source, todo: list[str], rows: _Rows) -> 
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(todo), desc="cataloguing", unit="bin",
                                                    mininterval=0.5) as bar:
         try:
-            for image_id, future in _completed(pool, partial(_read, source), todo, window=4 * workers):
+            for image_id, future in _completed(pool, partial(_read, source), _each(todo), window=4 * workers):
                 bar.update()
                 try:
                     row = future.result()
@@ -189,7 +210,7 @@ class _Rows:
             self.tables.append(pa.Table.from_arrays(
                 [pa.array(column, f.type) for column, f in zip(columns, SCHEMA)], schema=SCHEMA))
             self.pending = []
-        self.tables = [pa.concat_tables(self.tables).combine_chunks()]
+        self.tables = [pa.concat_tables(self.tables)]  # chunks are kept: combining would copy the catalog
         return self.tables[0]
 
 
@@ -222,7 +243,13 @@ def read_catalog(path: str) -> pa.Table:
 
 
 def select(cfg: DataConfig, table: pa.Table | None = None) -> list[tuple[str, int]]:
-    """The configured subset as [(image_id, count)] sorted by id: a query on the catalog (read from
+    """The configured subset as [(image_id, count)] sorted by id (see `selection`)."""
+    table = selection(cfg, table)
+    return list(zip(table["image_id"].to_pylist(), table["count"].to_pylist()))
+
+
+def selection(cfg: DataConfig, table: pa.Table | None = None) -> pa.Table:
+    """The catalog rows of the configured subset, sorted by id: a query on the catalog (read from
     cfg.catalog unless given). Raises BincounterError when nothing matches."""
     table = read_catalog(cfg.catalog) if table is None else table
     table = table.filter(_query(cfg, table)).sort_by("image_id")  # one fixed order for the seeded steps
@@ -233,7 +260,7 @@ def select(cfg: DataConfig, table: pa.Table | None = None) -> list[tuple[str, in
     if not table.num_rows:
         raise BincounterError(f"no bin of catalog {cfg.catalog} matches data.subset={cfg.subset}, counts "
                               f"{cfg.min_count}..{cfg.max_count}, id_range={cfg.id_range or 'any'}")
-    return list(zip(table["image_id"].to_pylist(), table["count"].to_pylist()))
+    return table
 
 
 def _query(cfg: DataConfig, table: pa.Table) -> pa.ChunkedArray:

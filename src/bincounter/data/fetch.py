@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import csv
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
+import pyarrow as pa
 from tqdm import tqdm
 
 from bincounter import files
@@ -78,7 +81,11 @@ def write_raw_shard(path: Path, bins: dict[str, Bin]) -> None:
 
 @dataclass
 class FetchReport:
-    statuses: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (status, reason)
+    """What one fetch did. Per-bin outcomes live in the shards' indexes and index.csv; the report keeps
+    counts, and the id and reason of each bin that was not ok (a few, not one entry per bin)."""
+
+    counts: Counter = field(default_factory=Counter)  # status -> bins this run
+    problems: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (rejected | failed, reason)
     downloaded_files: int = 0
     downloaded_bytes: int = 0
     shards_written: int = 0
@@ -86,7 +93,8 @@ class FetchReport:
     seconds: float = 0.0
 
     def ids_with(self, status: str) -> list[str]:
-        return [i for i, (s, _) in self.statuses.items() if s == status]
+        """The ids of this run's rejected or failed bins."""
+        return [i for i, (s, _) in self.problems.items() if s == status]
 
 
 class _Fetcher:
@@ -111,7 +119,9 @@ class _Fetcher:
         self.report.shards_written += 1
 
     def _record(self, image_id: str, outcome: Bin) -> None:
-        self.report.statuses[image_id] = (outcome.status, outcome.reason)
+        self.report.counts[outcome.status] += 1
+        if outcome.status != "ok":
+            self.report.problems[image_id] = (outcome.status, outcome.reason)
         self.report.downloaded_files += 2 if outcome.status == "ok" else 0
         self.report.downloaded_bytes += len(outcome.image) + len(outcome.metadata)
         if outcome.status == "failed":
@@ -144,24 +154,42 @@ def complete(path: Path) -> bool:
     return shards.is_complete(path, expected)
 
 
-def plan_shards(ids: list[str], shard_size: int) -> dict[str, list[str]]:
-    """{shard name: its ids}; the name carries a digest of the ids, so a changed plan renames the shard."""
-    return {shards.shard_name("raw", k, chunk): chunk for k, chunk in enumerate(shards.plan(ids, shard_size))}
+def plan_shards(ids: pa.Array, shard_size: int) -> dict[str, tuple[int, int]]:
+    """{shard name: (start, stop) of its ids in ids}; the name carries a digest of the ids, so a changed plan
+    renames the shard. Slices of one Arrow array, not a list per shard: a few bytes a bin."""
+    planned = {}
+    for number, start in enumerate(range(0, len(ids), shard_size)):
+        stop = min(start + shard_size, len(ids))
+        planned[shards.shard_name("raw", number, ids.slice(start, stop - start).to_pylist())] = (start, stop)
+    return planned
 
 
-def read_index(raw_dir: Path) -> list[dict[str, str]]:
-    """fetch's index.csv rows (image_id, status, reason, count, shard)."""
+def read_index(raw_dir: Path) -> Iterator[dict[str, str]]:
+    """fetch's index.csv rows (image_id, status, reason, count, shard), read one at a time."""
     path = raw_dir / INDEX
     if not path.exists():
         raise BincounterError(f"{path} not found: run the fetch stage first (dvc repro fetch)")
+    not_ours = BincounterError(f"{path} is not fetch's index ({','.join(INDEX_COLUMNS)}): rerun the fetch stage")
+    handle = open(path, newline="", encoding="utf-8")
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+        rows = csv.DictReader(handle)
+        if set(INDEX_COLUMNS) - set(rows.fieldnames or INDEX_COLUMNS):
+            raise not_ours
     except (UnicodeDecodeError, csv.Error):
-        rows = None
-    if rows is None or (rows and set(INDEX_COLUMNS) - set(rows[0])):
-        raise BincounterError(f"{path} is not fetch's index ({','.join(INDEX_COLUMNS)}): rerun the fetch stage")
-    return rows
+        handle.close()
+        raise not_ours from None
+    except BaseException:
+        handle.close()
+        raise
+    return _rows(handle, rows, not_ours)
+
+
+def _rows(handle, rows: csv.DictReader, not_ours: BincounterError) -> Iterator[dict[str, str]]:
+    with handle:
+        try:
+            yield from rows
+        except (UnicodeDecodeError, csv.Error):
+            raise not_ours from None
 
 
 def shard_of(raw_dir: Path) -> dict[str, str]:
@@ -169,49 +197,56 @@ def shard_of(raw_dir: Path) -> dict[str, str]:
     return {row["image_id"]: row["shard"] for row in read_index(raw_dir) if row["status"] == "ok"}
 
 
-def write_index(raw_dir: Path, planned: dict[str, list[str]], report: FetchReport) -> None:
-    """index.csv from every complete shard's own index, plus the bins of shards not written (failed)."""
-    rows = []
-    for name, ids in planned.items():
+def write_index(raw_dir: Path, ids: pa.Array, planned: dict[str, tuple[int, int]], report: FetchReport) -> None:
+    """index.csv from every complete shard's own index, plus the bins of shards not written (failed).
+    Streamed a shard at a time."""
+    files.write_csv(raw_dir / INDEX, INDEX_COLUMNS, _index_rows(raw_dir, ids, planned, report))
+
+
+def _index_rows(raw_dir: Path, ids: pa.Array, planned: dict[str, tuple[int, int]],
+                report: FetchReport) -> Iterator[tuple]:
+    for name, (start, stop) in planned.items():
         path = raw_dir / SHARDS / name
+        members = ids.slice(start, stop - start).to_pylist()
         if path.exists():
             recorded = shards.read_index(path)["bins"]
-            rows += [(i, *recorded[i][:3], name) for i in ids]
-        else:
-            rows += [(i, *report.statuses.get(i, ("failed", "not fetched yet")), "", "") for i in ids]
-    files.write_csv(raw_dir / INDEX, INDEX_COLUMNS, rows)
+            yield from ((i, *recorded[i][:3], name) for i in members)
+        else:  # its bins that arrived wait for the shard: not fetched until a rerun writes it
+            unwritten = ("failed", "its shard is fetched again on the next run")
+            yield from ((i, *report.problems.get(i, unwritten), "", "") for i in members)
 
 
 def fetch(cfg: DataConfig) -> FetchReport:
     """Fetch the catalog's query into shards. Raises BincounterError when some downloads failed (rerun to resume)."""
-    from bincounter.data.catalog import select
+    from bincounter.data.catalog import selection
 
     raw_dir, start = Path(cfg.raw_dir), time.perf_counter()
     shard_dir = raw_dir / SHARDS
     shard_dir.mkdir(parents=True, exist_ok=True)
     files.remove_partials(shard_dir)  # what a killed fetch left, under names nothing reads
-    planned = plan_shards([image_id for image_id, _ in select(cfg)], cfg.shard_size)
+    ids = selection(cfg)["image_id"].combine_chunks()
+    planned = plan_shards(ids, cfg.shard_size)
     shards.remove_stale(shard_dir, set(planned))
-    todo = {name: ids for name, ids in planned.items() if not complete(shard_dir / name)}
+    todo = {name: span for name, span in planned.items() if not complete(shard_dir / name)}
     source = open_source(cfg.source, cfg.workers)
-    fetcher = _Fetcher(source, shard_dir, max(1, cfg.workers), sum(map(len, todo.values())))
+    fetcher = _Fetcher(source, shard_dir, max(1, cfg.workers), sum(stop - start for start, stop in todo.values()))
     try:
-        for name, ids in todo.items():
-            fetcher.shard(name, ids)
+        for name, (start, stop) in todo.items():
+            fetcher.shard(name, ids.slice(start, stop - start).to_pylist())
     except SourceUnreachable:
-        write_index(raw_dir, planned, fetcher.report)  # what arrived is kept; a rerun resumes from it
+        write_index(raw_dir, ids, planned, fetcher.report)  # what arrived is kept; a rerun resumes from it
         raise
     finally:
         fetcher.close()
     report = fetcher.report
     report.shards_kept, report.seconds = len(planned) - len(todo), time.perf_counter() - start
-    write_index(raw_dir, planned, report)
+    write_index(raw_dir, ids, planned, report)
     _summarise(report, raw_dir, len(planned))
     return report
 
 
 def _summarise(report: FetchReport, raw_dir: Path, planned: int) -> None:
-    ok, rejected, failed = (len(report.ids_with(s)) for s in ("ok", "rejected", "failed"))
+    ok, rejected, failed = (report.counts[s] for s in ("ok", "rejected", "failed"))
     if rejected + failed > MAX_WARNINGS:
         print(f"... and {rejected + failed - MAX_WARNINGS} more (see {raw_dir / INDEX})")
     print(f"fetch: {planned} shards ({report.shards_kept} kept, {report.shards_written} written); this run: "
@@ -219,5 +254,5 @@ def _summarise(report: FetchReport, raw_dir: Path, planned: int) -> None:
           f"{report.seconds:.1f}s")
     if failed:
         first = report.ids_with("failed")[0]
-        raise BincounterError(f"{failed} bins could not be downloaded (e.g. {first}: {report.statuses[first][1]}); "
+        raise BincounterError(f"{failed} bins could not be downloaded (e.g. {first}: {report.problems[first][1]}); "
                               "rerun to resume")
