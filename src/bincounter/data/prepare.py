@@ -19,6 +19,7 @@ import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterable
 
 from PIL import Image
 from tqdm import tqdm
@@ -29,7 +30,7 @@ from bincounter.data import shards
 from bincounter.data.fetch import SHARDS, shard_of as fetched_shards
 from bincounter.data.split import SPLITS, read_split
 from bincounter.images import BadImage, decode_and_resize
-from bincounter.files import UnsafeName, remove_partials, safe_name, write_csv, write_text
+from bincounter.files import UnsafeName, atomic_path, remove_partials, safe_name, write_text
 from bincounter.storage import open_folder
 
 LABELS_FILE = "labels.csv"
@@ -76,27 +77,29 @@ def prepare_split(rows: list[tuple[str, int]], shard_of: dict[str, str], raw_dir
     for image_id, _ in rows:
         by_shard.setdefault(shard_of[image_id], []).append(image_id)
     jobs = [(str(raw_dir / SHARDS / name), ids, size, quality) for name, ids in sorted(by_shard.items())]
-    writer = _ShardWriter(out_dir, shard_size)
-    with ProcessPoolExecutor(workers, initializer=_die_with_parent) as pool, \
+    # labels.csv is written as the shards are, under a temp name renamed at the end: memory holds no label list
+    with atomic_path(out_dir / LABELS_FILE) as labels_tmp, open(labels_tmp, "w", newline="") as handle, \
+            ProcessPoolExecutor(workers, initializer=_die_with_parent) as pool, \
             tqdm(total=len(rows), desc=f"prepare {out_dir.name}", unit="img") as bar:
+        labels = csv.writer(handle)
+        labels.writerow(LABEL_COLUMNS)
+        writer = _ShardWriter(out_dir, shard_size, labels.writerows)
         for results in pool.map(_resize_shard, jobs):
             for image_id, result in results:
                 if isinstance(result, str):
                     raise BincounterError(f"cannot prepare {result} (rerun fetch to repair data/raw)")
                 writer.add(image_id, counts[image_id], result)
                 bar.update()
-    writer.close()
-    write_csv(out_dir / LABELS_FILE, LABEL_COLUMNS, writer.labels)
+        writer.close()
     return writer.bytes
 
 
 class _ShardWriter:
     """Buffers at most one shard of prepared photos and writes it whole."""
 
-    def __init__(self, out_dir: Path, shard_size: int):
-        self.out_dir, self.shard_size = out_dir, shard_size
+    def __init__(self, out_dir: Path, shard_size: int, write_labels: Callable[[Iterable[tuple]], object]):
+        self.out_dir, self.shard_size, self.write_labels = out_dir, shard_size, write_labels
         self.pending: list[tuple[str, int, bytes]] = []
-        self.labels: list[tuple] = []
         self.bytes = self.number = 0
 
     def add(self, image_id: str, count: int, data: bytes) -> None:
@@ -110,7 +113,7 @@ class _ShardWriter:
         name = shards.shard_name(self.out_dir.name, self.number, (f"{i}:{len(d)}" for i, _, d in self.pending))
         where = shards.write_shard(self.out_dir / name, ((f"{i}.jpg", d) for i, _, d in self.pending),
                                    {"bins": {i: c for i, c, _ in self.pending}})
-        self.labels += [(i, c, name, *where[f"{i}.jpg"]) for i, c, _ in self.pending]
+        self.write_labels((i, c, name, *where[f"{i}.jpg"]) for i, c, _ in self.pending)
         self.bytes += sum(len(d) for _, _, d in self.pending)
         self.number += 1
         self.pending = []
