@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import socket
 import threading
 from pathlib import Path
@@ -41,7 +42,9 @@ def test_fetch_writes_every_bin_into_shards_not_files(aws, tmp_path):
     labels = fixture_labels()
     config = s3_config(tmp_path, seed_bucket())
     ids = sorted(i for i, count in labels.items() if count <= config.data.max_count)  # the catalog's query
+    started = time.perf_counter()
     report = catalog_and_fetch(config)
+    assert 0 < report.seconds <= time.perf_counter() - started  # the summary line's "in N s"
     assert fetched_ok(config) == ids and report.counts == {"ok": len(ids)}
     members = fetched(config)
     for image_id in ids:

@@ -16,9 +16,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import pyarrow as pa
 from tqdm import tqdm
 
 from bincounter import files
@@ -28,6 +27,9 @@ from bincounter.data.source import (IMAGES, MAX_WARNINGS, METADATA, FailureStrea
                                     SourceUnreachable, Unreachable, open_source)
 from bincounter.errors import BincounterError
 from bincounter.images import BadImage, count_from_metadata, parse_metadata, verify_jpeg
+
+if TYPE_CHECKING:  # the plan is an Arrow array made by the catalog; prepare imports this module without pyarrow
+    import pyarrow as pa
 
 SHARDS = "shards"
 INDEX = "index.csv"
@@ -229,10 +231,10 @@ def fetch(cfg: DataConfig) -> FetchReport:
     shards.remove_stale(shard_dir, set(planned))
     todo = {name: span for name, span in planned.items() if not complete(shard_dir / name)}
     source = open_source(cfg.source, cfg.workers)
-    fetcher = _Fetcher(source, shard_dir, max(1, cfg.workers), sum(stop - start for start, stop in todo.values()))
+    fetcher = _Fetcher(source, shard_dir, max(1, cfg.workers), sum(last - first for first, last in todo.values()))
     try:
-        for name, (start, stop) in todo.items():
-            fetcher.shard(name, ids.slice(start, stop - start).to_pylist())
+        for name, (first, last) in todo.items():
+            fetcher.shard(name, ids.slice(first, last - first).to_pylist())
     except SourceUnreachable:
         write_index(raw_dir, ids, planned, fetcher.report)  # what arrived is kept; a rerun resumes from it
         raise
