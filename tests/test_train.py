@@ -265,6 +265,23 @@ def test_emd_loss_charges_more_for_being_further_off():
     assert torch.isclose(ce(far, target), ce(near, target))
 
 
+def test_label_smoothing_is_least_at_the_smoothed_target_not_at_certainty():
+    target, eps, k = torch.tensor([2]), 0.3, 6
+    smoothed = torch.full((1, k), eps / k)
+    smoothed[0, 2] += 1 - eps
+    sure = torch.full((1, k), -20.0)
+    sure[0, 2] = 20.0
+    plain, soft = make_loss("ce", 0.0), make_loss("ce", 0.0, label_smoothing=eps)
+    assert plain(sure, target) < plain(smoothed.log(), target)  # without it, certainty is best
+    assert soft(smoothed.log(), target) < soft(sure, target)  # with it, the smoothed distribution is
+    # and the minimum sits there: nudging the logits any way costs more
+    for nudge in torch.eye(k):
+        assert soft(smoothed.log() + 0.1 * nudge, target) > soft(smoothed.log(), target)
+    # emd's cross-entropy term is smoothed too; sord's target is soft already and stays as it is
+    assert make_loss("emd", 1.0, label_smoothing=eps)(sure, target) > make_loss("emd", 1.0)(sure, target)
+    assert make_loss("sord", 0.0, label_smoothing=eps)(sure, target) == make_loss("sord", 0.0)(sure, target)
+
+
 def test_sord_loss_charges_more_for_being_further_off_and_is_least_at_its_soft_labels():
     from bincounter.training.loss import soft_ordinal_labels
 

@@ -100,6 +100,8 @@ class TrainConfig:
     loss: str = knob("emd", "ce | emd (cross-entropy + squared earth mover's distance, ordinal-aware) | sord "
                      "(cross-entropy against soft ordinal labels)", choices=("ce", "emd", "sord"))
     emd_weight: float = knob(1.0, "weight of the emd term", min=0.0, max=1000.0)
+    label_smoothing: float = knob(0.0, "mix the one-hot count target with the uniform distribution (ce, emd)",
+                                  min=0.0, max=0.5)
     class_balance: str = knob("none", "none | weighted_loss | sampler (none: the best RMSE at equal macro "
                               "accuracy in benchmarks/quality.md)",
                               choices=("weighted_loss", "sampler", "none"))

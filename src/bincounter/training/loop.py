@@ -259,7 +259,7 @@ def fit(config: Config, data_dirs: dict[str, Path], *, resume: bool = False, pro
     if int(train_counts.max()) >= num_classes:
         raise BincounterError(f"training data has count {int(train_counts.max())} > data.max_count")
     weights = class_weights(train_counts, num_classes) if cfg.class_balance == "weighted_loss" else None
-    loss_fn = make_loss(cfg.loss, cfg.emd_weight, weights).to(device)
+    loss_fn = make_loss(cfg.loss, cfg.emd_weight, weights, cfg.label_smoothing).to(device)
     amp_dtype = autocast_dtype(cfg.precision, device)
 
     model = build_model(cfg.arch, num_classes, cfg.pretrained, cfg.weights_path).to(device)

@@ -26,11 +26,13 @@ def soft_ordinal_labels(targets: torch.Tensor, num_classes: int) -> torch.Tensor
 class CountLoss(nn.Module):
     """Cross-entropy (optionally class-weighted) + emd_weight x the squared earth mover's distance between
     the predicted and the true count distributions. emd_weight=0 is plain cross-entropy; soft_ordinal takes
-    the cross-entropy against soft ordinal labels instead of the one-hot count."""
+    the cross-entropy against soft ordinal labels instead of the one-hot count; label_smoothing mixes the
+    one-hot count with the uniform distribution (torch's cross_entropy does it)."""
 
-    def __init__(self, emd_weight: float = 0.0, weights: torch.Tensor | None = None, soft_ordinal: bool = False):
+    def __init__(self, emd_weight: float = 0.0, weights: torch.Tensor | None = None, soft_ordinal: bool = False,
+                 label_smoothing: float = 0.0):
         super().__init__()
-        self.emd_weight, self.soft_ordinal = float(emd_weight), soft_ordinal
+        self.emd_weight, self.soft_ordinal, self.label_smoothing = float(emd_weight), soft_ordinal, label_smoothing
         self.register_buffer("weights", weights, persistent=False)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -39,7 +41,7 @@ class CountLoss(nn.Module):
             per_sample = -(soft_ordinal_labels(targets, logits.shape[1]) * F.log_softmax(logits, dim=1)).sum(dim=1)
             loss = self._mean(per_sample, targets)
         else:
-            loss = F.cross_entropy(logits, targets, weight=self.weights)
+            loss = F.cross_entropy(logits, targets, weight=self.weights, label_smoothing=self.label_smoothing)
         if self.emd_weight:
             loss = loss + self.emd_weight * self._emd(logits, targets)
         return loss
@@ -57,6 +59,10 @@ class CountLoss(nn.Module):
         return (per_sample * w).sum() / w.sum().clamp(min=1e-12)
 
 
-def make_loss(kind: str, emd_weight: float, weights: torch.Tensor | None = None) -> CountLoss:
-    """train.loss / train.emd_weight / class weights -> the loss module the loop is handed."""
-    return CountLoss(emd_weight if kind == "emd" else 0.0, weights, soft_ordinal=kind == "sord")
+def make_loss(kind: str, emd_weight: float, weights: torch.Tensor | None = None,
+              label_smoothing: float = 0.0) -> CountLoss:
+    """train.loss / train.emd_weight / class weights / train.label_smoothing -> the loss module the loop is
+    handed. Label smoothing softens the one-hot target of ce and emd's cross-entropy term; sord's target
+    is soft already."""
+    return CountLoss(emd_weight if kind == "emd" else 0.0, weights, soft_ordinal=kind == "sord",
+                     label_smoothing=0.0 if kind == "sord" else label_smoothing)
