@@ -564,3 +564,16 @@ def test_a_params_file_nested_too_deeply_is_one_line(tmp_path, capsys):
     params.write_text("data: " + "[" * 3000 + "]" * 3000 + "\n")
     assert main(["split", "--params", str(params)]) == 1
     assert capsys.readouterr().err.strip() == f"error: {params}: not valid YAML (RecursionError)"
+
+
+@pytest.mark.parametrize("content, where", [
+    (b"id,label\n1,2\n", "header"),  # someone else's CSV
+    (b"image_id,status,reason,count,shard\n1,ok,,1,raw-00000.tar\n2,ok,\xff\xfe\xfd,1,raw-00000.tar\n", "row 2"),
+], ids=["foreign", "not-utf8"])
+def test_a_foreign_or_damaged_fetch_index_is_one_line(tmp_path, content, where):
+    from bincounter.data.split import label
+
+    (tmp_path / "index.csv").write_bytes(content)
+    with pytest.raises(BincounterError, match=r"index.csv is not fetch's index \(image_id,status,reason,count,"
+                                              r"shard\): rerun the fetch stage"):
+        label(tmp_path, 5)  # the split stage reads it a row at a time: damage past the header is caught too
