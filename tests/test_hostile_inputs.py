@@ -568,7 +568,8 @@ def test_a_params_file_nested_too_deeply_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("content, where", [
     (b"id,label\n1,2\n", "header"),  # someone else's CSV
-    (b"image_id,status,reason,count,shard\n1,ok,,1,raw-00000.tar\n2,ok,\xff\xfe\xfd,1,raw-00000.tar\n", "row 2"),
+    (b"image_id,status,reason,count,shard\n" + b"".join(b"%d,ok,,1,raw-00000.tar\n" % i for i in range(5000))
+     + b"x,ok,\xff\xfe\xfd,1,raw-00000.tar\n", "far past the first block the reader decodes"),
 ], ids=["foreign", "not-utf8"])
 def test_a_foreign_or_damaged_fetch_index_is_one_line(tmp_path, content, where):
     from bincounter.data.split import label
