@@ -166,7 +166,7 @@ def bincounter_fetch(ids: list[str], root: Path, workers: int) -> tuple[float, f
     t1 = time.perf_counter()
     report = fetch(config.data)
     t2 = time.perf_counter()
-    assert len(report.ids_with("ok")) == len(ids), "fetch did not get every image"
+    assert report.counts["ok"] == len(ids), "fetch did not get every image"
     return t1 - t0, t2 - t1
 
 

@@ -246,3 +246,16 @@ def test_endpoint_going_away_mid_fetch_then_resume(aws, tmp_path, monkeypatch):
     assert report.counts == {"ok": len(wanted) - len(members) // 2}
     assert report.shards_kept == len(kept)
     assert {n: t for n, t in shard_files(config).items() if n in kept} == kept
+
+
+def test_failed_bins_are_named_in_the_one_line_error(tmp_path):
+    from collections import Counter
+
+    from bincounter.data.fetch import FetchReport, _summarise
+
+    report = FetchReport(counts=Counter(ok=5, rejected=1, failed=2),
+                         problems={"7": ("rejected", "not an image"), "9": ("failed", "read timed out"),
+                                   "11": ("failed", "connection reset")})
+    with pytest.raises(BincounterError, match=r"^2 bins could not be downloaded \(e\.g\. 9: read timed out\); "
+                                              r"rerun to resume$"):
+        _summarise(report, tmp_path, planned=1)

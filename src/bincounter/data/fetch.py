@@ -94,10 +94,6 @@ class FetchReport:
     shards_kept: int = 0
     seconds: float = 0.0
 
-    def ids_with(self, status: str) -> list[str]:
-        """The ids of this run's rejected or failed bins."""
-        return [i for i, (s, _) in self.problems.items() if s == status]
-
 
 class _Fetcher:
     """Fetches planned shards one after another, the bins of each concurrently."""
@@ -255,6 +251,6 @@ def _summarise(report: FetchReport, raw_dir: Path, planned: int) -> None:
           f"{ok} ok, {rejected} rejected, {failed} failed, {report.downloaded_bytes / 1e6:.1f} MB in "
           f"{report.seconds:.1f}s")
     if failed:
-        first = report.ids_with("failed")[0]
+        first = next(i for i, (status, _) in report.problems.items() if status == "failed")
         raise BincounterError(f"{failed} bins could not be downloaded (e.g. {first}: {report.problems[first][1]}); "
                               "rerun to resume")
