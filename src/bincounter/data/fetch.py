@@ -155,11 +155,8 @@ def complete(path: Path) -> bool:
 def plan_shards(ids: pa.Array, shard_size: int) -> dict[str, tuple[int, int]]:
     """{shard name: (start, stop) of its ids in ids}; the name carries a digest of the ids, so a changed plan
     renames the shard. Slices of one Arrow array, not a list per shard: a few bytes a bin."""
-    planned = {}
-    for number, start in enumerate(range(0, len(ids), shard_size)):
-        stop = min(start + shard_size, len(ids))
-        planned[shards.shard_name("raw", number, ids.slice(start, stop - start).to_pylist())] = (start, stop)
-    return planned
+    return {shards.shard_name("raw", number, ids.slice(start, stop - start).to_pylist()): (start, stop)
+            for number, (start, stop) in enumerate(shards.plan(len(ids), shard_size))}
 
 
 def read_index(raw_dir: Path) -> Iterator[dict[str, str]]:

@@ -29,9 +29,10 @@ INDEX_MEMBER = "__index__.json"  # first member: what the shard was planned to h
 SUFFIX = ".tar"
 
 
-def plan(ids: list[str], shard_size: int) -> list[list[str]]:
-    """Consecutive runs of shard_size ids (the ids come sorted, so membership is stable between runs)."""
-    return [ids[k : k + shard_size] for k in range(0, len(ids), shard_size)]
+def plan(total: int, shard_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive runs of shard_size positions among total sorted ids (sorted, so a
+    shard's membership is stable between runs)."""
+    return [(k, min(k + shard_size, total)) for k in range(0, total, shard_size)]
 
 
 def shard_name(prefix: str, number: int, planned: Iterable[str]) -> str:
