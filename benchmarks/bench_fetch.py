@@ -6,8 +6,8 @@ Starts moto_server on a free 127.0.0.1 port (stopped by PID), seeds a public-rea
 with N images + metadata from the sample, then times (a) a sequential get_object loop writing files and
 (b) bincounter's two stages that bring bins in, each with data.workers=W, into temp dirs: the catalog stage
 (build_catalog: one GET per bin's metadata into catalog.parquet), which fetch needs since it reads its query
-from the catalog, then fetch (metadata + photo per bin, each JPEG verified, into tar shards renamed into
-place whole). Catalog and fetch are timed separately; (b)'s rate is on their total, the fair comparison
+from the catalog, then fetch (the photo per bin, each JPEG verified, into tar shards renamed into place
+whole; the counts come from the catalog). Catalog and fetch are timed separately; (b)'s rate is on their total, the fair comparison
 with (a), which also reads every metadata file. Nothing reaches the network.
 
 moto answers from the same CPU cores in microseconds of network time, so the loop here pays none of the

@@ -33,7 +33,7 @@ def shard_files(config) -> dict[str, int]:
 
 
 def fetched(config) -> dict[str, bytes]:
-    """Every member of every raw shard: {<id>.jpg or <id>.json: bytes}."""
+    """Every member of every raw shard: {<id>.jpg: bytes}."""
     raw = Path(config.data.raw_dir) / SHARDS
     return {name: data for shard in shards.shards_in(raw) for name, data in shards.iter_members(shard)}
 
@@ -47,9 +47,9 @@ def test_fetch_writes_every_bin_into_shards_not_files(aws, tmp_path):
     assert 0 < report.seconds <= time.perf_counter() - started  # the summary line's "in N s"
     assert fetched_ok(config) == ids and report.counts == {"ok": len(ids)}
     members = fetched(config)
+    assert set(members) == {f"{i}.jpg" for i in ids}  # the metadata stays in the catalog, read once
     for image_id in ids:
         assert members[f"{image_id}.jpg"] == (FIXTURES / "bin-images" / f"{image_id}.jpg").read_bytes()
-        assert members[f"{image_id}.json"] == (FIXTURES / "metadata" / f"{image_id}.json").read_bytes()
     raw = Path(config.data.raw_dir)
     files = sorted(str(p.relative_to(raw)) for p in raw.rglob("*") if p.is_file())
     assert len(files) == math.ceil(len(ids) / config.data.shard_size) + 1  # the shards and index.csv, no bin files
@@ -71,10 +71,36 @@ def test_deleting_one_shard_refetches_just_that_shard(aws, tmp_path):
     (Path(config.data.raw_dir) / SHARDS / victim).unlink()
     report = fetch(config.data)
     assert report.shards_written == 1 and report.shards_kept == len(before) - 1
-    assert report.downloaded_files == 2 * bins_in_victim
+    assert report.downloaded_files == bins_in_victim
     after = shard_files(config)
     assert set(after) == set(before)
     assert {n for n in after if after[n] != before[n]} == {victim}
+
+
+def test_fetch_takes_counts_from_the_catalog_and_a_recount_refetches_its_shard(aws, tmp_path):
+    ids = seed_bucket()
+    config = s3_config(tmp_path, ids, **{"data.subset": "all"})  # a listing: the catalog compares ETags
+    build_catalog(config.data)
+    client = s3_client()
+    for image_id in ids:  # fetch GETs photos only: the catalog already read every bin's metadata
+        client.delete_object(Bucket=SOURCE_BUCKET, Key=f"metadata/{image_id}.json")
+    report = fetch(config.data)
+    assert report.counts["ok"] == len(fetched_ok(config)) > 0 and report.downloaded_files == report.counts["ok"]
+    before = shard_files(config)
+    recounted = fetched_ok(config)[-1]
+    old = fixture_labels()[recounted]
+    new = (old + 1) % (config.data.max_count + 1)
+    for image_id in ids:
+        client.put_object(Bucket=SOURCE_BUCKET, Key=f"metadata/{image_id}.json",
+                          Body=(FIXTURES / "metadata" / f"{image_id}.json").read_bytes())
+    client.put_object(Bucket=SOURCE_BUCKET, Key=f"metadata/{recounted}.json",
+                      Body=json.dumps({"EXPECTED_QUANTITY": new, "BIN_FCSKU_DATA": {}}).encode())
+    build_catalog(config.data)  # the recount changes that bin's ETag, so the catalog reads it again
+    again = fetch(config.data)
+    assert again.shards_written == 1 and again.shards_kept == len(before) - 1
+    index = {row.split(",")[0]: row.split(",")[3] for row in
+             (Path(config.data.raw_dir) / "index.csv").read_text().splitlines()[1:]}
+    assert index[recounted] == str(new)
 
 
 def test_a_shard_cut_short_is_fetched_again_never_trusted(aws, tmp_path):
@@ -120,8 +146,8 @@ def test_bad_photos_are_rejected_with_the_reason_and_kept_out_of_the_shard(aws, 
     assert "corrupt JPEG" in reasons[ids[0]] and reasons[ids[1]] == "not an image"
     assert reasons[ids[2]] == f"missing from source: bin-images/{ids[2]}.jpg"
     members = fetched(config)
-    assert not {f"{i}{ext}" for i in ids[:3] for ext in (".jpg", ".json")} & set(members)  # nothing broken kept
-    assert len(members) == 2 * report.counts["ok"] and report.counts["rejected"] == 3
+    assert not {f"{i}.jpg" for i in ids[:3]} & set(members)  # nothing broken kept
+    assert len(members) == report.counts["ok"] and report.counts["rejected"] == 3
     assert not list(Path(config.data.raw_dir).rglob("*.part"))
     index = (Path(config.data.raw_dir) / "index.csv").read_text()
     assert f"{ids[1]},rejected,not an image" in index
@@ -237,13 +263,12 @@ def test_endpoint_going_away_mid_fetch_then_resume(aws, tmp_path, monkeypatch):
     assert 0 < len(kept) < math.ceil(len(ids) / 6)
     members = fetched(config)
     for name, data in members.items():  # whatever survived is whole
-        folder = "bin-images" if name.endswith(".jpg") else "metadata"
-        assert data == (FIXTURES / folder / name).read_bytes()
+        assert data == (FIXTURES / "bin-images" / name).read_bytes()
     monkeypatch.setenv("AWS_ENDPOINT_URL", aws.url)
     report = fetch(config.data)
     wanted = sorted(i for i, c in fixture_labels().items() if c <= 5)
     assert fetched_ok(config) == wanted  # the kept shards' bins and the ones this rerun fetched
-    assert report.counts == {"ok": len(wanted) - len(members) // 2}
+    assert report.counts == {"ok": len(wanted) - len(members)}
     assert report.shards_kept == len(kept)
     assert {n: t for n, t in shard_files(config).items() if n in kept} == kept
 

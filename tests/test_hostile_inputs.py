@@ -88,7 +88,7 @@ def test_fetch_rejects_ids_that_are_paths_and_writes_nothing_outside_raw(tmp_pat
 
     raw = Path(config.data.raw_dir) / SHARDS
     members = {name for shard in shards.shards_in(raw) for name, _ in shards.iter_members(shard)}
-    assert members == {f"{i}{ext}" for i in IDS for ext in (".jpg", ".json")}
+    assert members == {f"{i}.jpg" for i in IDS}
 
 
 def test_split_refuses_an_index_row_whose_id_is_a_path(tmp_path):

@@ -1,7 +1,9 @@
-"""Stage 2, fetch: download the catalog's query (photos + metadata JSON) into tar shards in data/raw/shards/.
+"""Stage 2, fetch: download the catalog's query (the photos) into tar shards in data/raw/shards/.
 
-The bins come from the catalog stage (`catalog.select`: the manifest, `balanced` quotas, count and id ranges),
-sorted by id and cut into shards of data.shard_size (see shards.py). Concurrent (a thread pool with many
+The bins come from the catalog stage (`catalog.selection`: the manifest, `balanced` quotas, count and id
+ranges), sorted by id and cut into shards of data.shard_size (see shards.py). Their counts come from the
+catalog too, which read each bin's metadata once: fetch makes one GET a bin, the photo, not two, and a count
+the catalog changed renames the shard that holds it, so a rerun fetches it again. Concurrent (a thread pool with many
 requests in flight); resumable by shard (a rerun downloads only the shards that are missing: a deleted shard
 comes back alone, a killed run loses at most the shard it was writing); atomic (a shard is renamed into place
 only once every bin in it is verified). Every outcome lands in data/raw/index.csv
@@ -23,10 +25,10 @@ from tqdm import tqdm
 from bincounter import files
 from bincounter.config import DataConfig
 from bincounter.data import shards
-from bincounter.data.source import (IMAGES, MAX_WARNINGS, METADATA, FailureStreak, Missing, Source,
-                                    SourceUnreachable, Unreachable, open_source)
+from bincounter.data.source import (IMAGES, MAX_WARNINGS, FailureStreak, Missing, Source, SourceUnreachable,
+                                    Unreachable, open_source)
 from bincounter.errors import BincounterError
-from bincounter.images import BadImage, count_from_metadata, parse_metadata, verify_jpeg
+from bincounter.images import BadImage, verify_jpeg
 
 if TYPE_CHECKING:  # the plan is an Arrow array made by the catalog; prepare imports this module without pyarrow
     import pyarrow as pa
@@ -39,10 +41,6 @@ INDEX_COLUMNS = ["image_id", "status", "reason", "count", "shard"]
 # ---------------------------------------------------------------- one bin, one shard
 
 
-def check_metadata(data: bytes) -> int:
-    return count_from_metadata(parse_metadata(data))
-
-
 @dataclass
 class Bin:
     """One fetched bin: its outcome and, when ok, its verified bytes."""
@@ -52,29 +50,26 @@ class Bin:
     count: int | None = None
     size: tuple[int, int] | None = None
     image: bytes = b""
-    metadata: bytes = b""
 
 
-def fetch_bin(source: Source, image_id: str) -> Bin:
-    """Download and verify one bin's metadata and photo; a bad bin is rejected with a one-line reason."""
+def fetch_bin(source: Source, image_id: str, count: int) -> Bin:
+    """Download and verify one bin's photo (its count is the catalog's); a bad photo is rejected with a
+    one-line reason."""
     try:
         files.safe_name(image_id)  # before any key or name is made of it
-        metadata = source.get(f"{METADATA}/{image_id}.json")
-        count = check_metadata(metadata)
         image = source.get(f"{IMAGES}/{image_id}.jpg")
         size = verify_jpeg(image)
     except Unreachable as exc:
         return Bin("failed", str(exc))
     except (Missing, BadImage, ValueError) as exc:  # UnsafeName is a ValueError
         return Bin("rejected", str(exc))
-    return Bin("ok", count=count, size=size, image=image, metadata=metadata)
+    return Bin("ok", count=count, size=size, image=image)
 
 
 def write_raw_shard(path: Path, bins: dict[str, Bin]) -> None:
-    """The shard: each ok bin's <id>.jpg and <id>.json; its index records every planned bin's outcome."""
+    """The shard: each ok bin's <id>.jpg; its index records every planned bin's outcome and count."""
     index = {i: [b.status, b.reason, b.count, list(b.size) if b.size else None] for i, b in bins.items()}
-    members = ((f"{i}{ext}", data) for i, b in bins.items() if b.status == "ok"
-               for ext, data in ((".jpg", b.image), (".json", b.metadata)))
+    members = ((f"{i}.jpg", b.image) for i, b in bins.items() if b.status == "ok")
     shards.write_shard(path, members, {"bins": index})
 
 
@@ -106,9 +101,9 @@ class _Fetcher:
         self.streak, self.warnings = FailureStreak(source), 0
         self.start = time.perf_counter()
 
-    def shard(self, name: str, ids: list[str]) -> None:
+    def shard(self, name: str, ids: list[str], counts: list[int]) -> None:
         bins: dict[str, Bin] = {}
-        for image_id, outcome in zip(ids, self.pool.map(lambda i: fetch_bin(self.source, i), ids)):
+        for image_id, outcome in zip(ids, self.pool.map(lambda i, c: fetch_bin(self.source, i, c), ids, counts)):
             bins[image_id] = outcome
             self._record(image_id, outcome)
         if any(b.status == "failed" for b in bins.values()):
@@ -120,8 +115,8 @@ class _Fetcher:
         self.report.counts[outcome.status] += 1
         if outcome.status != "ok":
             self.report.problems[image_id] = (outcome.status, outcome.reason)
-        self.report.downloaded_files += 2 if outcome.status == "ok" else 0
-        self.report.downloaded_bytes += len(outcome.image) + len(outcome.metadata)
+        self.report.downloaded_files += outcome.status == "ok"
+        self.report.downloaded_bytes += len(outcome.image)
         if outcome.status == "failed":
             self.streak.failed(outcome.reason)
         else:
@@ -141,22 +136,28 @@ class _Fetcher:
 
 
 def complete(path: Path) -> bool:
-    """A raw shard fetch can keep: its index readable and every ok bin's photo and metadata in it, whole."""
+    """A raw shard fetch can keep: its index readable and every ok bin's photo in it, whole."""
     if not path.exists():
         return False
     try:
         recorded = shards.read_index(path)["bins"]
     except (BincounterError, KeyError, TypeError):
         return False
-    expected = {f"{i}{ext}" for i, entry in recorded.items() if entry[0] == "ok" for ext in (".jpg", ".json")}
+    expected = {f"{i}.jpg" for i, entry in recorded.items() if entry[0] == "ok"}
     return shards.is_complete(path, expected)
 
 
-def plan_shards(ids: pa.Array, shard_size: int) -> dict[str, tuple[int, int]]:
-    """{shard name: (start, stop) of its ids in ids}; the name carries a digest of the ids, so a changed plan
-    renames the shard. Slices of one Arrow array, not a list per shard: a few bytes a bin."""
-    return {shards.shard_name("raw", number, ids.slice(start, stop - start).to_pylist()): (start, stop)
+def plan_shards(ids: pa.Array, counts: pa.Array, shard_size: int) -> dict[str, tuple[int, int]]:
+    """{shard name: (start, stop) of its bins in ids and counts}; the name carries a digest of the ids and
+    their counts, so a changed plan or a recount renames the shard. Slices of one Arrow array each, not a
+    list per shard: a few bytes a bin."""
+    return {shards.shard_name("raw", number, _planned(ids, counts, start, stop)): (start, stop)
             for number, (start, stop) in enumerate(shards.plan(len(ids), shard_size))}
+
+
+def _planned(ids: pa.Array, counts: pa.Array, start: int, stop: int) -> Iterator[str]:
+    return (f"{i}:{c}" for i, c in zip(ids.slice(start, stop - start).to_pylist(),
+                                       counts.slice(start, stop - start).to_pylist()))
 
 
 def read_index(raw_dir: Path) -> Iterator[dict[str, str]]:
@@ -219,15 +220,17 @@ def fetch(cfg: DataConfig) -> FetchReport:
     shard_dir = raw_dir / SHARDS
     shard_dir.mkdir(parents=True, exist_ok=True)
     files.remove_partials(shard_dir)  # what a killed fetch left, under names nothing reads
-    ids = selection(cfg)["image_id"].combine_chunks()
-    planned = plan_shards(ids, cfg.shard_size)
+    chosen = selection(cfg)
+    ids, counts = chosen["image_id"].combine_chunks(), chosen["count"].combine_chunks()
+    planned = plan_shards(ids, counts, cfg.shard_size)
     shards.remove_stale(shard_dir, set(planned))
     todo = {name: span for name, span in planned.items() if not complete(shard_dir / name)}
     source = open_source(cfg.source, cfg.workers)
     fetcher = _Fetcher(source, shard_dir, max(1, cfg.workers), sum(last - first for first, last in todo.values()))
     try:
         for name, (first, last) in todo.items():
-            fetcher.shard(name, ids.slice(first, last - first).to_pylist())
+            fetcher.shard(name, ids.slice(first, last - first).to_pylist(),
+                          counts.slice(first, last - first).to_pylist())
     except SourceUnreachable:
         write_index(raw_dir, ids, planned, fetcher.report)  # what arrived is kept; a rerun resumes from it
         raise
