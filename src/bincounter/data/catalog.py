@@ -39,6 +39,7 @@ SCHEMA = pa.schema([
     ("reason", pa.string()),  # why rejected, one line; empty when ok
 ])
 STATUS = SCHEMA.names.index("status")
+QUERY_COLUMNS = ["image_id", "count", "status"]  # all a query reads: a tenth of the catalog's bytes a bin
 LISTING = ("balanced", "all")  # subsets drawn from the source's listing rather than from a manifest
 CHECKPOINT = 5000  # newly read bins between two writes of the catalog
 INT32_MAX = 2**31 - 1
@@ -223,18 +224,20 @@ def _write(path: str, table: pa.Table) -> pa.Table:
     return table
 
 
-def read_catalog(path: str) -> pa.Table:
-    """The catalog at path; a one-line BincounterError when it is missing, damaged or not a catalog."""
+def read_catalog(path: str, columns: list[str] | None = None) -> pa.Table:
+    """The catalog at path (only `columns` of it, when given); a one-line BincounterError when it is missing,
+    damaged or not a catalog."""
     if not Path(path).exists():
         raise BincounterError(f"catalog {path} not found: run `dvc repro catalog` first")
     rebuild = "delete it and run `dvc repro catalog` to rebuild it"
     try:
-        table = pq.ParquetFile(path).read()
+        parquet = pq.ParquetFile(path)
+        if [(f.name, f.type) for f in parquet.schema_arrow] != [(f.name, f.type) for f in SCHEMA]:
+            found = ", ".join(f"{f.name}:{f.type}" for f in parquet.schema_arrow)[:200]
+            raise BincounterError(f"{path} is not a bincounter catalog (columns {found}): {rebuild}")
+        table = parquet.read(columns=columns)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise BincounterError(f"catalog {path} is damaged or not Parquet ({first_line(exc)}): {rebuild}") from None
-    if [(f.name, f.type) for f in table.schema] != [(f.name, f.type) for f in SCHEMA]:
-        found = ", ".join(f"{f.name}:{f.type}" for f in table.schema)[:200]
-        raise BincounterError(f"{path} is not a bincounter catalog (columns {found}): {rebuild}")
     table = table.replace_schema_metadata(None)
     unknown = pc.invert(pc.is_in(table["status"], value_set=pa.array(["ok", "rejected"])).fill_null(False))
     if table["image_id"].null_count or pc.any(unknown).as_py():
@@ -251,7 +254,7 @@ def select(cfg: DataConfig, table: pa.Table | None = None) -> list[tuple[str, in
 def selection(cfg: DataConfig, table: pa.Table | None = None) -> pa.Table:
     """The catalog rows of the configured subset, sorted by id: a query on the catalog (read from
     cfg.catalog unless given). Raises BincounterError when nothing matches."""
-    table = read_catalog(cfg.catalog) if table is None else table
+    table = read_catalog(cfg.catalog, QUERY_COLUMNS) if table is None else table
     table = table.filter(_query(cfg, table)).sort_by("image_id")  # one fixed order for the seeded steps
     if cfg.subset == "balanced":
         table = table.take(_balanced(cfg, table["count"].to_numpy()))
