@@ -93,6 +93,7 @@ def run_recipe(config, root: Path) -> tuple[dict, float, int]:
     configured setting first."""
     import torch
 
+    from bincounter.config import DECODES
     from bincounter.model import decode_counts, load_model_dir
     from bincounter.training.calibration import expected_calibration_error
     from bincounter.training.metrics import counting_metrics
@@ -109,7 +110,7 @@ def run_recipe(config, root: Path) -> tuple[dict, float, int]:
         settings = dict(model_config, tta=tta)
         test = evaluate_split(model, root / "prepared" / "test", settings, torch.device("cpu"))
         probs, targets = test["probabilities"], test["targets"]
-        for how in dict.fromkeys((config.train.decode, "argmax", "expected", "thresholds")):
+        for how in dict.fromkeys((config.train.decode, *DECODES)):
             counts = decode_counts(probs, how, model_config.get("decode_cuts"))
             scored[tta, how] = counting_metrics(targets, counts, probs.shape[1])
             scored[tta, how]["ece"] = expected_calibration_error(probs, targets, counts)

@@ -50,11 +50,15 @@ def test_too_few_validation_bins_keep_the_temperature_at_one():
     assert fit_temperature(logits, targets) == 1.0
 
 
-def test_expected_decoding_rounds_the_mean_count():
-    probs = np.array([[0.5, 0.0, 0.0, 0.5, 0.0, 0.0],   # argmax 0, mean 1.5 -> 2
-                      [0.0, 0.1, 0.2, 0.3, 0.4, 0.0]])  # argmax 4, mean 3.0 -> 3
-    assert decode_counts(probs, "argmax").tolist() == [0, 4]
-    assert decode_counts(probs, "expected").tolist() == [2, 3]
+def test_expected_decoding_rounds_the_mean_count_and_median_decoding_takes_the_middle_one():
+    probs = np.array([[0.5, 0.0, 0.0, 0.5, 0.0, 0.0],     # argmax 0, mean 1.5 -> 2, median 0
+                      [0.0, 0.1, 0.2, 0.3, 0.4, 0.0],     # argmax 4, mean 3.0 -> 3, median 3
+                      [0.4, 0.0, 0.0, 0.0, 0.35, 0.25]])  # argmax 0, mean 2.65 -> 3, median 4
+    assert decode_counts(probs, "argmax").tolist() == [0, 4, 0]
+    assert decode_counts(probs, "expected").tolist() == [2, 3, 3]
+    assert decode_counts(probs, "median").tolist() == [0, 3, 4]
+    unnormalised = np.array([[0.0, 0.0, 0.0, 0.0, 0.0, 0.49]])  # never reaches 1/2: still a count in range
+    assert decode_counts(unnormalised, "median").tolist() == [5]
 
 
 def middle_hugging(n: int = 1200, classes: int = 6, seed: int = 0):
@@ -151,7 +155,7 @@ def test_the_served_model_decodes_and_augments_as_evaluation_does(tta_expected_m
     run = mlflow.get_run(outcome.run_id)
     assert run.info.run_name == "resnet18-64px-emd-expected-tta"
     assert {"temperature", "val_ece_before", "val_ece_after", "test_ece", "test_argmax_macro_accuracy",
-            "test_expected_macro_accuracy", "test_thresholds_macro_accuracy"} <= set(run.data.metrics)
+            "test_expected_macro_accuracy", "test_thresholds_macro_accuracy", "test_median_macro_accuracy"} <= set(run.data.metrics)
 
 
 def test_reconcile_flags_at_the_threshold_recorded_with_the_model(tta_expected_model, tmp_path, capsys):

@@ -21,6 +21,7 @@ import yaml
 from bincounter.errors import BincounterError
 
 DEFAULT_PARAMS = "params.yaml"
+DECODES = ("argmax", "expected", "thresholds", "median")  # how a count is read from the probabilities
 
 
 def knob(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
@@ -119,8 +120,8 @@ class TrainConfig:
                           choices=("auto", "bf16", "fp32"))
     decode: str = knob("argmax", "how a count is read from the probabilities: argmax (the most likely) | "
                        "expected (the rounded expected count) | thresholds (the expected count cut at "
-                       "thresholds fitted on validation for macro accuracy)",
-                       choices=("argmax", "expected", "thresholds"))
+                       "thresholds fitted on validation for macro accuracy) | median (the count where the "
+                       "cumulative probability reaches one half)", choices=DECODES)
     tta: bool = knob(False, "flip test-time augmentation in evaluation and in the served model")
     calibrate: bool = knob(True, "fit a temperature on the validation split after training (served confidence)")
     profile_steps: int = knob(5, "torch.profiler steps recorded in the first epoch (0 = off)", min=0, max=1000)

@@ -59,13 +59,17 @@ def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
 
 def decode_counts(probs, how: str = "argmax", cuts=None):
     """(N, K) probabilities -> N counts: the most likely count (argmax), the expected count rounded
-    (expected), or the expected count cut at the K-1 thresholds fitted on validation (thresholds; without
-    cuts they are k + 0.5, i.e. rounding)."""
+    (expected), the expected count cut at the K-1 thresholds fitted on validation (thresholds; without
+    cuts they are k + 0.5, i.e. rounding), or the median count (median: the least k whose cumulative
+    probability reaches 1/2, the count with the least expected absolute error)."""
     import numpy as np
 
     probs = np.asarray(probs)
     if how == "argmax":
         return probs.argmax(axis=1).astype(np.int64)
+    if how == "median":
+        below_half = (probs.cumsum(axis=1) < 0.5).sum(axis=1)
+        return np.minimum(below_half, probs.shape[1] - 1).astype(np.int64)  # float rounding at the top
     expected = probs @ np.arange(probs.shape[1])
     if how == "thresholds" and cuts is not None:
         return np.searchsorted(np.asarray(cuts, dtype=np.float64), expected).astype(np.int64)

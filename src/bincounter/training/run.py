@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from bincounter import tracking
-from bincounter.config import Config
+from bincounter.config import DECODES, Config
 from bincounter.data.prepare import LABELS_FILE, verify_prepared
 from bincounter.data.split import SPLITS
 from bincounter.data.sync import CHANNELS
@@ -170,7 +170,7 @@ def calibrate(result, val_dir: Path, config: Config, device: torch.device) -> di
 def evaluate_split(model: BinCounterNet, split_dir: Path, model_config: dict, device: torch.device,
                    batch_size: int = 64) -> dict:
     """The served model's numerics on one prepared split: fp32, eval transform, TTA, temperature and the
-    decode rule of model_config. Metrics for the configured decode, and for both decodes by name."""
+    decode rule of model_config. Metrics for the configured decode, and for every decode by name."""
     logits, targets, ids = split_logits(model, split_dir, model_config, device, batch_size)
     probs = probabilities(torch.from_numpy(logits), model_config.get("temperature", 1.0)).numpy().astype(np.float64)
     num_classes = model_config["max_count"] + 1
@@ -178,7 +178,7 @@ def evaluate_split(model: BinCounterNet, split_dir: Path, model_config: dict, de
     predictions = decode_counts(probs, model_config.get("decode", "argmax"), cuts)
     metrics = counting_metrics(targets, predictions, num_classes)
     metrics["ece"] = expected_calibration_error(probs, targets, predictions)
-    for how in ("argmax", "expected", "thresholds"):
+    for how in DECODES:
         metrics.update({f"{how}_{k}": v for k, v in counting_metrics(
             targets, decode_counts(probs, how, cuts), num_classes).items() if k in METRIC_NAMES})
     return {"metrics": metrics, "targets": targets, "predictions": predictions, "probabilities": probs,
