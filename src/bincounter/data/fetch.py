@@ -2,9 +2,9 @@
 
 The bins come from the catalog stage (`catalog.selection`: the manifest, `balanced` quotas, count and id
 ranges), sorted by id and cut into shards of data.shard_size (see shards.py). Their counts come from the
-catalog too, which read each bin's metadata once: fetch makes one GET a bin, the photo, not two, and a count
-the catalog changed renames the shard that holds it, so a rerun fetches it again. Concurrent (a thread pool with many
-requests in flight); resumable by shard (a rerun downloads only the shards that are missing: a deleted shard
+catalog too, which read each bin's metadata once: fetch makes one GET a bin, the photo, and a count the
+catalog changed renames the shard that holds it, so a rerun fetches it again. Concurrent (a thread pool with
+many requests in flight); resumable by shard (a rerun downloads only the shards that are missing: a deleted shard
 comes back alone, a killed run loses at most the shard it was writing); atomic (a shard is renamed into place
 only once every bin in it is verified). Every outcome lands in data/raw/index.csv
 (image_id,status,reason,count,shard) for the split stage.
