@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import time
+import platform
 import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -284,3 +287,36 @@ def test_failed_bins_are_named_in_the_one_line_error(tmp_path):
     with pytest.raises(BincounterError, match=r"^2 bins could not be downloaded \(e\.g\. 9: read timed out\); "
                                               r"rerun to resume$"):
         _summarise(report, tmp_path, planned=1)
+
+
+ARENA_PROBE = """
+import ctypes, sys, threading
+from bincounter.data.source import limit_malloc_arenas
+if sys.argv[1] == "limit":
+    assert limit_malloc_arenas(2)
+start = threading.Barrier(16)
+def download():  # what a download thread does to malloc: photo-sized buffers (too big for pymalloc)
+    start.wait()
+    photos = [bytes(70_000) for _ in range(20)]
+threads = [threading.Thread(target=download) for _ in range(16)]
+for t in threads: t.start()
+for t in threads: t.join()
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+handle = ctypes.c_void_p(libc.fopen(sys.argv[2].encode(), b"w"))
+libc.malloc_info(0, handle)
+libc.fclose(handle)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
+def test_download_threads_share_two_malloc_arenas(tmp_path, monkeypatch):
+    """fetch's RSS crept up with every shard while each of its threads had a glibc arena of its own; the
+    limit it sets keeps 16 threads to 2 arenas (malloc_info lists one <heap> per arena)."""
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    arenas = {}
+    for mode in ("limit", "default"):
+        report = tmp_path / f"{mode}.xml"
+        subprocess.run([sys.executable, "-c", ARENA_PROBE, mode, str(report)], check=True)
+        arenas[mode] = report.read_text().count("<heap nr=")
+    assert arenas["limit"] <= 2 < arenas["default"]

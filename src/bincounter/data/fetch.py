@@ -26,7 +26,7 @@ from bincounter import files
 from bincounter.config import DataConfig
 from bincounter.data import shards
 from bincounter.data.source import (IMAGES, MAX_WARNINGS, FailureStreak, Missing, Source, SourceUnreachable,
-                                    Unreachable, open_source)
+                                    Unreachable, limit_malloc_arenas, open_source)
 from bincounter.errors import BincounterError
 from bincounter.images import BadImage, verify_jpeg
 
@@ -226,6 +226,7 @@ def fetch(cfg: DataConfig) -> FetchReport:
     shards.remove_stale(shard_dir, set(planned))
     todo = {name: span for name, span in planned.items() if not complete(shard_dir / name)}
     source = open_source(cfg.source, cfg.workers)
+    limit_malloc_arenas()  # before the download threads start: RSS stays level however many shards follow
     fetcher = _Fetcher(source, shard_dir, max(1, cfg.workers), sum(last - first for first, last in todo.values()))
     try:
         for name, (first, last) in todo.items():

@@ -8,6 +8,7 @@ Every stage that reads the dataset goes through a `Source`: `get` / `get_with_et
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -25,6 +26,22 @@ METADATA = "metadata"
 SUFFIX = ".json"
 UNREACHABLE_AFTER = 20  # connection failures in a row that mean "the source is down", not "a bad bin"
 MAX_WARNINGS = 20  # bad bins named one by one on the terminal; the rest are counted
+M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+DOWNLOAD_ARENAS = 2
+
+
+def limit_malloc_arenas(arenas: int = DOWNLOAD_ARENAS) -> bool:
+    """Have glibc share `arenas` malloc arenas among the threads created from now on, instead of up to 8 per
+    core. Each download thread frees photo-sized buffers into its own arena, and with 16 arenas fetch's RSS
+    kept creeping up shard after shard; with 2 it levels off after the first shards, no slower
+    (benchmarks/scale.md). MALLOC_ARENA_MAX in the environment wins. -> whether the limit was set (False
+    without glibc: macOS, musl)."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        return ctypes.CDLL(None).mallopt(M_ARENA_MAX, arenas) == 1
+    except (OSError, AttributeError):
+        return False
 
 
 class Missing(Exception):
