@@ -7,8 +7,8 @@ with N images + metadata from the sample, then times (a) a sequential get_object
 (b) bincounter's two stages that bring bins in, each with data.workers=W, into temp dirs: the catalog stage
 (build_catalog: one GET per bin's metadata into catalog.parquet), which fetch needs since it reads its query
 from the catalog, then fetch (the photo per bin, each JPEG verified, into tar shards renamed into place
-whole; the counts come from the catalog). Catalog and fetch are timed separately; (b)'s rate is on their total, the fair comparison
-with (a), which also reads every metadata file. Nothing reaches the network.
+whole; the counts come from the catalog). Catalog and fetch are timed separately; (b)'s rate is on their
+total, the fair comparison with (a), which also reads every metadata file. Nothing reaches the network.
 
 moto answers from the same CPU cores in microseconds of network time, so the loop here pays none of the
 round trip a real S3 GET pays (tens of ms), which is what the thread pool overlaps. With --latency-ms L

@@ -117,8 +117,8 @@ def print_table(results: list[tuple[int, str, list[dict]]]) -> None:
         first_bins, first_rise = smallest[way]
         slope = f"{(rise - first_rise) * 2**20 / (bins - first_bins):.0f} B" if bins > first_bins else "-"
         print(f"| {bins:,} | {last['bins']:,} | {last['shards']} | {way} | {last['read_mb']:.1f} | "
-              f"{each} | {slope} | "
-              f"{min(r['seconds'] for r in runs):.2f} |")
+              f"{each} | {slope} | {min(r['seconds'] for r in runs):.2f} |")
+
 
 if __name__ == "__main__":
     main()

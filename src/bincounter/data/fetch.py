@@ -156,8 +156,12 @@ def plan_shards(ids: pa.Array, counts: pa.Array, shard_size: int) -> dict[str, t
 
 
 def _planned(ids: pa.Array, counts: pa.Array, start: int, stop: int) -> Iterator[str]:
-    return (f"{i}:{c}" for i, c in zip(ids.slice(start, stop - start).to_pylist(),
-                                       counts.slice(start, stop - start).to_pylist()))
+    return (f"{i}:{c}" for i, c in zip(_span(ids, start, stop), _span(counts, start, stop)))
+
+
+def _span(values: pa.Array, start: int, stop: int) -> list:
+    """One shard's values as Python objects: made a shard at a time, never for every bin at once."""
+    return values.slice(start, stop - start).to_pylist()
 
 
 def read_index(raw_dir: Path) -> Iterator[dict[str, str]]:
@@ -203,7 +207,7 @@ def _index_rows(raw_dir: Path, ids: pa.Array, planned: dict[str, tuple[int, int]
                 report: FetchReport) -> Iterator[tuple]:
     for name, (start, stop) in planned.items():
         path = raw_dir / SHARDS / name
-        members = ids.slice(start, stop - start).to_pylist()
+        members = _span(ids, start, stop)
         if path.exists():
             recorded = shards.read_index(path)["bins"]
             yield from ((i, *recorded[i][:3], name) for i in members)
@@ -226,12 +230,11 @@ def fetch(cfg: DataConfig) -> FetchReport:
     shards.remove_stale(shard_dir, set(planned))
     todo = {name: span for name, span in planned.items() if not complete(shard_dir / name)}
     source = open_source(cfg.source, cfg.workers)
-    limit_malloc_arenas()  # before the download threads start: RSS stays level however many shards follow
+    limit_malloc_arenas()  # before the download threads start (with one arena each, RSS crept up per shard)
     fetcher = _Fetcher(source, shard_dir, max(1, cfg.workers), sum(last - first for first, last in todo.values()))
     try:
         for name, (first, last) in todo.items():
-            fetcher.shard(name, ids.slice(first, last - first).to_pylist(),
-                          counts.slice(first, last - first).to_pylist())
+            fetcher.shard(name, _span(ids, first, last), _span(counts, first, last))
     except SourceUnreachable:
         write_index(raw_dir, ids, planned, fetcher.report)  # what arrived is kept; a rerun resumes from it
         raise
