@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fetch import cpu_model  # noqa: E402
-from bench_train import train_baseline  # noqa: E402
+from bench_train import bootstrap_intervals, macro_and_rmse, train_baseline  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("accuracy", "macro_accuracy", "rmse", "mae", "off_by_one_accuracy", "ece")
@@ -87,10 +87,10 @@ def build(root: Path, args):
     return config
 
 
-def run_recipe(config, root: Path) -> tuple[dict, float, int]:
-    """Train the recipe; -> ({decode: test metrics}, seconds, best epoch). One trained model is scored with
-    each decode rule (argmax, expected, thresholds fitted on validation), with and without flip TTA, the
-    configured setting first."""
+def run_recipe(config, root: Path, score_only: bool = False) -> tuple[dict, float, int]:
+    """Train the recipe (or, score_only, take the model root/model already holds); -> ({decode: test
+    metrics}, seconds, best epoch). One trained model is scored with each decode rule (argmax, expected,
+    thresholds fitted on validation, median), with and without flip TTA, the configured setting first."""
     import torch
 
     from bincounter.config import DECODES
@@ -100,7 +100,8 @@ def run_recipe(config, root: Path) -> tuple[dict, float, int]:
     from bincounter.training.run import METRICS_FILE, data_dirs_for, evaluate_split, run_training
 
     t0 = time.perf_counter()
-    run_training(config, data_dirs_for(config), track=False, register=False, model_dir=root / "model")
+    if not score_only:
+        run_training(config, data_dirs_for(config), track=False, register=False, model_dir=root / "model")
     seconds = time.perf_counter() - t0
     best_epoch = json.loads((root / "model" / METRICS_FILE).read_text())["best_epoch"]
     model, model_config = load_model_dir(root / "model")
@@ -112,15 +113,42 @@ def run_recipe(config, root: Path) -> tuple[dict, float, int]:
         probs, targets = test["probabilities"], test["targets"]
         for how in dict.fromkeys((config.train.decode, *DECODES)):
             counts = decode_counts(probs, how, model_config.get("decode_cuts"))
-            scored[tta, how] = counting_metrics(targets, counts, probs.shape[1])
+            scored[tta, how] = counting_metrics(targets, counts, probs.shape[1]) | bootstrap_intervals(targets, counts)
             scored[tta, how]["ece"] = expected_calibration_error(probs, targets, counts)
+            scored[tta, how]["predictions"] = dict(zip(test["ids"], counts.tolist()))
+            scored[tta, how]["targets"] = dict(zip(test["ids"], targets.tolist()))
     return scored, seconds, int(best_epoch)
+
+
+def versus_baseline(recipe: dict, baseline: dict, resamples: int = 1000) -> str:
+    """The recipe minus the seed-style loop on the same test bins, as 95% intervals of a paired bootstrap:
+    both models are scored on each resample, so the test split's own luck cancels out."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    ids = sorted(recipe["predictions"])
+    if ids != sorted(baseline["predictions"]):
+        raise SystemExit("the recipe and the baseline were not scored on the same test bins")
+    true, ours, theirs = (np.array([table[i] for i in ids]) for table in
+                          (recipe["targets"], recipe["predictions"], baseline["predictions"]))
+
+    def statistic(t, a, b):
+        (macro_a, rmse_a), (macro_b, rmse_b) = macro_and_rmse(t, a), macro_and_rmse(t, b)
+        return np.array([macro_a - macro_b, rmse_a / rmse_b])
+
+    point = statistic(true, ours, theirs)
+    ci = bootstrap((true, ours, theirs), statistic, paired=True, vectorized=False, n_resamples=resamples,
+                   method="percentile", random_state=0).confidence_interval
+    return (f"macro accuracy {point[0]:+.3f} (95% {ci.low[0]:+.3f} to {ci.high[0]:+.3f}), RMSE ratio "
+            f"{point[1]:.3f} (95% {ci.low[1]:.3f} to {ci.high[1]:.3f})")
 
 
 def row(name: str, metrics: dict, seconds: float, best_epoch: int, epochs: int) -> str:
     cells = [f"{metrics.get(k, float('nan')):.3f}" for k in KEYS]
     per_count = " / ".join(f"{metrics.get(f'class_{c}_accuracy', float('nan')):.2f}" for c in range(6))
-    return f"| {name} | " + " | ".join(cells) + f" | {per_count} | {best_epoch}/{epochs} | {seconds:.0f} |"
+    spread = " | ".join("{:.3f}-{:.3f}".format(*metrics[k]) for k in ("macro_ci", "rmse_ci"))
+    return (f"| {name} | " + " | ".join(cells) + f" | {per_count} | {best_epoch}/{epochs} | {seconds:.0f} | "
+            f"{spread} |")
 
 
 def main() -> None:
@@ -137,6 +165,9 @@ def main() -> None:
     parser.add_argument("--reuse", default=None, metavar="DIR",
                         help="keep the merged, split and prepared bins in DIR and reuse them on the next run "
                              "(same sources, strategy and image size); default: a temporary folder")
+    parser.add_argument("--score-only", action="store_true",
+                        help="score the model a previous run left in --reuse DIR again, without training "
+                             "(its seconds column is then the scoring time)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "quality-results.md"))
     args = parser.parse_args()
 
@@ -149,12 +180,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.reuse or tmp)
         root.mkdir(parents=True, exist_ok=True)
-        for stale in ("model", "ckpt"):
+        if args.score_only and not (root / "model").is_dir():
+            parser.error(f"--score-only: {root / 'model'} holds no trained model")
+        for stale in () if args.score_only else ("model", "ckpt"):
             shutil.rmtree(root / stale, ignore_errors=True)
         config = build(root, args)
         sizes = {n: len((root / "splits" / f"{n}.csv").read_text().splitlines()) - 1 for n in ("train", "val", "test")}
         name = args.name or f"{tracking.recipe_name(config)} ({args.strategy})"
-        scored, seconds, best = run_recipe(config, root)
+        scored, seconds, best = run_recipe(config, root, args.score_only)
         for (tta, how), metrics in scored.items():
             label = name if (tta, how) == (config.train.tta, config.train.decode) else \
                 f"same model, {'flip TTA, ' if tta else ''}decode={how}"
@@ -165,6 +198,10 @@ def main() -> None:
             base, seconds, best = train_baseline(root, args.epochs, config.train.image_size, 32)
             lines.append(row(f"seed-style baseline ({args.strategy})", base, seconds, best, args.epochs))
             print(lines[-1], flush=True)
+            paired = [f"\nPaired over the {sizes['test']} test bins, the recipe (no TTA) minus the seed-style loop:"]
+            paired += [f"- decode={how}: {versus_baseline(scored[False, how], base)}" for tta, how in scored if not tta]
+            print("\n".join(paired), flush=True)
+            lines += paired
     header = (f"\n<!-- {time.strftime('%Y-%m-%d %H:%M')} | {machine()} | bins train/val/test {sizes['train']}/"
               f"{sizes['val']}/{sizes['test']} | `{command}` -->\n")
     with open(args.out, "a") as handle:

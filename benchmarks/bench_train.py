@@ -247,7 +247,29 @@ def train_baseline(root: Path, epochs: int, size: int, batch_size: int) -> tuple
     seconds = time.perf_counter() - t0
     net.load_state_dict(best_state)
     predicted, true = predictions("test")
-    return counting_metrics(true, predicted, 6), seconds, best_epoch
+    by_id = dict(zip((image_id for image_id, _ in rows["test"]), predicted.tolist()))  # the loader keeps CSV order
+    metrics = counting_metrics(true, predicted, 6) | bootstrap_intervals(true, predicted)
+    return metrics | {"predictions": by_id}, seconds, best_epoch
+
+
+def macro_and_rmse(true, predicted):
+    from bincounter.training.metrics import counting_metrics
+
+    metrics = counting_metrics(true, predicted, 6)
+    return metrics["macro_accuracy"], metrics["rmse"]
+
+
+def bootstrap_intervals(true, predicted, resamples: int = 1000) -> dict[str, tuple[float, float]]:
+    """95% percentile-bootstrap intervals of macro accuracy and RMSE over the test bins (resampled with
+    replacement, paired): how much one test split of this size can move a figure, with the model fixed. The
+    spread between training seeds is not in it."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    ci = bootstrap((np.asarray(true), np.asarray(predicted)), lambda t, p: np.array(macro_and_rmse(t, p)),
+                   paired=True, vectorized=False, n_resamples=resamples, method="percentile",
+                   random_state=0).confidence_interval
+    return {"macro_ci": (ci.low[0], ci.high[0]), "rmse_ci": (ci.low[1], ci.high[1])}
 
 
 def accuracy(args) -> None:
