@@ -70,7 +70,7 @@ class SplitConfig:
 
 @dataclass
 class PrepareConfig:
-    image_size: int = knob(256, "stored square size; training resizes train.image_size out of it",
+    image_size: int = knob(126, "stored square size; training resizes train.image_size out of it",
                            min=16, max=2048)
     jpeg_quality: int = knob(90, "JPEG quality of the prepared images", min=50, max=100)
     out_dir: str = knob("data/prepared", "prepared shards, one folder per split")
@@ -94,7 +94,7 @@ class TrainConfig:
     pretrained: bool = knob(False, "start from torchvision's ImageNet weights (downloaded once, cached)")
     weights_path: str = knob("", "a local .pth state dict to start from (offline pretrained)", remote=False)
     epochs: int = knob(15, "epochs", min=1, max=100000)
-    batch_size: int = knob(64, "batch size", min=1, max=65536)
+    batch_size: int = knob(32, "batch size", min=1, max=65536)
     lr: float = knob(0.001, "learning rate", min=0.0)
     weight_decay: float = knob(0.0001, "weight decay", min=0.0, max=1.0)
     optimizer: str = knob("adamw", "adamw | sgd", choices=("adamw", "sgd"))
@@ -109,7 +109,7 @@ class TrainConfig:
     augment: float = knob(0.5, "augmentation strength 0..1", min=0.0, max=1.0)
     ema: float = knob(0.0, "weight EMA decay per optimizer step (0 = off; e.g. 0.998): validation, early "
                       "stopping and the saved model use the averaged weights", min=0.0, max=0.99999)
-    image_size: int = knob(224, "model input size (px)", min=16, max=2048)
+    image_size: int = knob(112, "model input size (px)", min=16, max=2048)
     seed: int = knob(42, "random seed")
     patience: int = knob(4, "early stopping: epochs without a better validation macro_accuracy", min=1)
     num_workers: int = knob(-1, "data loader workers; -1 = auto", min=-1, max=256)
