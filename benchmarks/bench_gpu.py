@@ -6,7 +6,7 @@
 
 (a) compute: one synthetic uint8 batch already on the device, fed again every step.
 (b) shards:  ShardDataset over the train split that bincounter's own stages (catalog, fetch, split, prepare,
-             stored at image_size * 8/7: 256 px for 224, as params.yaml) build from --sample once into --work
+             stored at image_size * 8/7: 256 px for 224) build from --sample once into --work
              (reused by later runs), sampled with replacement so any --steps fit; DataLoader workers as
              `bincounter train` sets them (train.num_workers, pin_memory); the JPEGs decoded in the workers
              (decode cpu) or batched on the GPU by nvJPEG (decode gpu: on_device=True, skipped without CUDA);
