@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -320,3 +322,44 @@ def test_download_threads_share_two_malloc_arenas(tmp_path, monkeypatch):
         subprocess.run([sys.executable, "-c", ARENA_PROBE, mode, str(report)], check=True)
         arenas[mode] = report.read_text().count("<heap nr=")
     assert arenas["limit"] <= 2 < arenas["default"]
+
+
+FETCH_PROBE = """
+import ctypes, json, sys
+from bincounter.config import build_config
+from bincounter.data.fetch import fetch
+
+def arenas():  # malloc_info lists one <heap> per arena
+    libc = ctypes.CDLL(None)
+    libc.fopen.restype = ctypes.c_void_p
+    handle = ctypes.c_void_p(libc.fopen(sys.argv[2].encode(), b"w"))
+    libc.malloc_info(0, handle)
+    libc.fclose(handle)
+    with open(sys.argv[2]) as report:
+        return report.read().count("<heap nr=")
+
+before = arenas()
+fetch(build_config({}, json.loads(sys.argv[1])).data)
+print(json.dumps([before, arenas()]))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
+def test_fetch_starts_its_download_threads_under_the_arena_limit(tmp_path, monkeypatch):
+    """fetch itself sets the limit before its 16 download threads start: they add no arena beyond the two
+    allowed (the imports may already hold more); a MALLOC_ARENA_MAX in the environment wins over it."""
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    config = make_config(tmp_path, **{"data.workers": 16})
+    build_catalog(config.data)
+    settings = {f"data.{key}": getattr(config.data, key)
+                for key in ("source", "subset", "catalog", "raw_dir", "shard_size", "workers")}
+    counted = {}
+    for mode, env in (("fetch's limit", {}), ("environment wins", {"MALLOC_ARENA_MAX": "64"})):
+        shutil.rmtree(config.data.raw_dir, ignore_errors=True)
+        out = subprocess.run([sys.executable, "-c", FETCH_PROBE, json.dumps(settings), str(tmp_path / "info.xml")],
+                             check=True, capture_output=True, text=True, env={**os.environ, **env}).stdout
+        counted[mode] = json.loads(out.splitlines()[-1])
+    before, after = counted["fetch's limit"]
+    assert after <= max(before, 2)
+    before, after = counted["environment wins"]
+    assert after > max(before, 2)

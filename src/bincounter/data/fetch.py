@@ -221,6 +221,9 @@ def fetch(cfg: DataConfig) -> FetchReport:
     from bincounter.data.catalog import selection
 
     raw_dir, start = Path(cfg.raw_dir), time.perf_counter()
+    # first: a thread takes its malloc arena at its first allocation, the query's Arrow threads included,
+    # and with one arena per download thread RSS crept up shard after shard
+    limit_malloc_arenas()
     shard_dir = raw_dir / SHARDS
     shard_dir.mkdir(parents=True, exist_ok=True)
     files.remove_partials(shard_dir)  # what a killed fetch left, under names nothing reads
@@ -230,7 +233,6 @@ def fetch(cfg: DataConfig) -> FetchReport:
     shards.remove_stale(shard_dir, set(planned))
     todo = {name: span for name, span in planned.items() if not complete(shard_dir / name)}
     source = open_source(cfg.source, cfg.workers)
-    limit_malloc_arenas()  # before the download threads start (with one arena each, RSS crept up per shard)
     fetcher = _Fetcher(source, shard_dir, max(1, cfg.workers), sum(last - first for first, last in todo.values()))
     try:
         for name, (first, last) in todo.items():
