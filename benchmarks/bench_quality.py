@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fetch import cpu_model  # noqa: E402
-from bench_train import bootstrap_intervals, macro_and_rmse, train_baseline  # noqa: E402
+from bench_train import bootstrap_intervals, macro_and_rmse, percentile_interval, train_baseline  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("accuracy", "macro_accuracy", "rmse", "mae", "off_by_one_accuracy", "ece")
@@ -120,11 +120,10 @@ def run_recipe(config, root: Path, score_only: bool = False) -> tuple[dict, floa
     return scored, seconds, int(best_epoch)
 
 
-def versus_baseline(recipe: dict, baseline: dict, resamples: int = 1000) -> str:
+def versus_baseline(recipe: dict, baseline: dict) -> str:
     """The recipe minus the seed-style loop on the same test bins, as 95% intervals of a paired bootstrap:
     both models are scored on each resample, so the test split's own luck cancels out."""
     import numpy as np
-    from scipy.stats import bootstrap
 
     ids = sorted(recipe["predictions"])
     if ids != sorted(baseline["predictions"]):
@@ -134,13 +133,12 @@ def versus_baseline(recipe: dict, baseline: dict, resamples: int = 1000) -> str:
 
     def statistic(t, a, b):
         (macro_a, rmse_a), (macro_b, rmse_b) = macro_and_rmse(t, a), macro_and_rmse(t, b)
-        return np.array([macro_a - macro_b, rmse_a / rmse_b])
+        return macro_a - macro_b, rmse_a / rmse_b
 
     point = statistic(true, ours, theirs)
-    ci = bootstrap((true, ours, theirs), statistic, paired=True, vectorized=False, n_resamples=resamples,
-                   method="percentile", random_state=0).confidence_interval
-    return (f"macro accuracy {point[0]:+.3f} (95% {ci.low[0]:+.3f} to {ci.high[0]:+.3f}), RMSE ratio "
-            f"{point[1]:.3f} (95% {ci.low[1]:.3f} to {ci.high[1]:.3f})")
+    low, high = percentile_interval(statistic, true, ours, theirs)
+    return (f"macro accuracy {point[0]:+.3f} (95% {low[0]:+.3f} to {high[0]:+.3f}), RMSE ratio "
+            f"{point[1]:.3f} (95% {low[1]:.3f} to {high[1]:.3f})")
 
 
 def row(name: str, metrics: dict, seconds: float, best_epoch: int, epochs: int) -> str:

@@ -259,17 +259,22 @@ def macro_and_rmse(true, predicted):
     return metrics["macro_accuracy"], metrics["rmse"]
 
 
-def bootstrap_intervals(true, predicted, resamples: int = 1000) -> dict[str, tuple[float, float]]:
-    """95% percentile-bootstrap intervals of macro accuracy and RMSE over the test bins (resampled with
-    replacement, paired): how much one test split of this size can move a figure, with the model fixed. The
-    spread between training seeds is not in it."""
+def percentile_interval(statistic, *columns, resamples: int = 1000):
+    """95% percentile-bootstrap interval of statistic(*columns), the test bins resampled with replacement
+    and the columns kept paired bin by bin (scipy's bootstrap). -> (lows, highs), one per output."""
     import numpy as np
     from scipy.stats import bootstrap
 
-    ci = bootstrap((np.asarray(true), np.asarray(predicted)), lambda t, p: np.array(macro_and_rmse(t, p)),
-                   paired=True, vectorized=False, n_resamples=resamples, method="percentile",
-                   random_state=0).confidence_interval
-    return {"macro_ci": (ci.low[0], ci.high[0]), "rmse_ci": (ci.low[1], ci.high[1])}
+    ci = bootstrap(tuple(np.asarray(c) for c in columns), lambda *c: np.array(statistic(*c)), paired=True,
+                   vectorized=False, n_resamples=resamples, method="percentile", random_state=0).confidence_interval
+    return ci.low, ci.high
+
+
+def bootstrap_intervals(true, predicted) -> dict[str, tuple[float, float]]:
+    """95% intervals of macro accuracy and RMSE over the test bins: how much one test split of this size can
+    move a figure, with the model fixed. The spread between training seeds is not in it."""
+    low, high = percentile_interval(macro_and_rmse, true, predicted)
+    return {"macro_ci": (low[0], high[0]), "rmse_ci": (low[1], high[1])}
 
 
 def accuracy(args) -> None:
