@@ -149,6 +149,21 @@ def test_a_manifest_rerun_keeps_ok_rows_and_retries_rejected_ones(aws, tmp_path)
     assert rows(cfg)["77777"]["status"] == "ok"
 
 
+def test_a_catalog_larger_than_a_row_group_is_written_sorted_a_group_at_a_time(tmp_path, monkeypatch):
+    import bincounter.data.catalog as catalog
+
+    monkeypatch.setattr(catalog, "ROW_GROUP", 7)  # 48 bins: 7 groups, the last one short
+    monkeypatch.setattr(catalog, "CHECKPOINT", 10)  # and several checkpoints, each a whole rewrite
+    cfg = config(tmp_path, **{"data.subset": "all", "data.max_candidates": 0, "data.workers": 4})
+    build_catalog(cfg)
+    parquet = pq.ParquetFile(cfg.catalog)
+    assert [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)] == [7] * 6 + [6]
+    table = parquet.read()
+    assert table["image_id"].to_pylist() == sorted(LABELS)  # read in a shuffled order, stored sorted
+    assert dict(zip(table["image_id"].to_pylist(), table["count"].to_pylist())) == LABELS
+    assert build_catalog(cfg)["kept"] == len(LABELS)  # and read back whole by the rerun
+
+
 def test_a_killed_run_keeps_what_it_read_and_the_rerun_reads_the_rest(tmp_path):
     folder = tmp_path / "bucket" / "metadata"
     folder.mkdir(parents=True)

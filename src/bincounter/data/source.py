@@ -168,11 +168,15 @@ class LocalSource(Source):
         # listing computes it (not mtime+size) so that a local copy resumes exactly like the bucket, and a
         # file rewritten with its old size and mtime (cp -p, rsync -t) is still seen as changed. Reading
         # a few kB per bin from a local disk costs far less than the catalog's parse of the same bytes.
-        paths = (self.root / METADATA).glob(f"*{SUFFIX}")
-        for path in tqdm(paths, desc="listing metadata", unit="file", leave=False, mininterval=1):
-            image_id = path.name[: -len(SUFFIX)]
-            if listable(image_id) and path.is_file():
-                yield image_id, md5(path.read_bytes())
+        # os.scandir hands out one entry at a time; Path.glob lists the whole folder first (~0.2 kB a bin).
+        folder = self.root / METADATA
+        if not folder.is_dir():
+            return
+        with os.scandir(folder) as entries:
+            for entry in tqdm(entries, desc="listing metadata", unit="file", leave=False, mininterval=1):
+                image_id = entry.name[: -len(SUFFIX)]
+                if entry.name.endswith(SUFFIX) and listable(image_id) and entry.is_file():
+                    yield image_id, md5(Path(entry.path).read_bytes())
 
 
 def md5(data: bytes) -> str:
