@@ -1,7 +1,7 @@
 """Does fetch's memory grow with the number of bins? Peak RSS by bins, with the photos held constant.
 
     python benchmarks/bench_fetch_memory.py [--sources ../shared/abid-sample] [--bins 2000 20000 50000] \
-        [--photos 1000] [--workers 32]
+        [--photos 1000] [--workers 32] [--stages catalog fetch] [--subset manifest|all]
 
 bench_scale.py measures every stage against the S3 emulator, but its bins cycle through photos of unequal
 sizes, and fetch holds one shard of photos at a time, so its peak also follows the largest shard. Here the
@@ -11,8 +11,8 @@ pointing at photo n % P of the first P full-size photos of --sources (with its m
 
 For each size, in fresh subprocesses: `bincounter catalog`, then `bincounter fetch`, each with
 data.workers W (the local source reads files, no emulator: what is measured is bincounter's own process).
-Reported: each stage's VmHWM (its peak RSS, read from /proc at exit), and for fetch its RSS at each tenth
-of its run (psutil, sampled every 0.1 s), to tell growth that levels off from growth with every bin.
+Reported: each stage's VmHWM (its peak RSS, read from /proc at exit), its wall time and its RSS at each
+tenth of its run (psutil, sampled every 0.1 s), to tell growth that levels off from growth with every bin.
 """
 
 from __future__ import annotations
@@ -84,6 +84,10 @@ def main() -> None:
     parser.add_argument("--bins", type=int, nargs="+", default=[2000, 20000, 50000])
     parser.add_argument("--photos", type=int, default=1000, help="distinct photos the bins cycle through")
     parser.add_argument("--workers", type=int, default=32, help="data.workers")
+    parser.add_argument("--stages", nargs="+", choices=("catalog", "fetch"), default=["catalog", "fetch"],
+                        help="fetch needs catalog: it reads the counts from it")
+    parser.add_argument("--subset", choices=("manifest", "all"), default="manifest",
+                        help="a manifest of the bins' ids, or data.subset=all: the whole listing (each size its own source)")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     from bench_fetch import cpu_model
@@ -91,25 +95,33 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_fetch_memory-") as tmp:
         source = Path(tmp) / "source"
-        cycled_source(args.sources, source, max(args.bins), args.photos)
+        if args.subset == "manifest":  # one source, each size a manifest of its first ids
+            cycled_source(args.sources, source, max(args.bins), args.photos)
         for bins in sorted(args.bins):
             work = Path(tmp) / f"run-{bins}"
             work.mkdir()
-            (work / "manifest.json").write_text(json.dumps([f"{n:06d}" for n in range(bins)]))
-            settings = {"data.source": str(source), "data.subset": str(work / "manifest.json"),
+            if args.subset == "all":  # the listing is the query: a source of exactly this many bins
+                cycled_source(args.sources, source := work / "source", bins, args.photos)
+                subset = "all"
+            else:
+                subset = str(work / "manifest.json")
+                Path(subset).write_text(json.dumps([f"{n:06d}" for n in range(bins)]))
+            settings = {"data.source": str(source), "data.subset": subset, "data.max_candidates": "0",
                         "data.catalog": str(work / "catalog.parquet"), "data.raw_dir": str(work / "raw"),
                         "data.workers": str(args.workers), "data.max_count": "1000"}
-            row = {"bins": bins, **{stage: run_stage(stage, settings) for stage in ("catalog", "fetch")}}
+            row = {"bins": bins, **{stage: run_stage(stage, settings) for stage in args.stages}}
             results.append(row)
-            print(f"{bins} bins: {row['fetch']['summary']}", file=sys.stderr, flush=True)
+            print(f"{bins} bins: {row[args.stages[-1]]['summary']}", file=sys.stderr, flush=True)
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; `python benchmarks/bench_fetch_memory.py --bins "
-          f"{' '.join(map(str, args.bins))} --photos {args.photos} --workers {args.workers}`\n")
-    print("| bins | catalog peak RSS MB | fetch peak RSS MB | fetch s | fetch RSS MB at each tenth of its run |")
-    print("|---|---|---|---|---|")
+          f"{' '.join(map(str, args.bins))} --photos {args.photos} --workers {args.workers} --stages "
+          f"{' '.join(args.stages)} --subset {args.subset}`\n")
+    print("| bins | " + " | ".join(f"{s} peak RSS MB | {s} s | {s} RSS MB at each tenth of its run" for s in args.stages)
+          + " |")
+    print("|---|" + "---|---|---|" * len(args.stages))
     for row in results:
-        tenths = " ".join(f"{m:.0f}" for m in row["fetch"]["tenths_mb"])
-        print(f"| {row['bins']:,} | {row['catalog']['peak_mb']:.0f} | {row['fetch']['peak_mb']:.0f} | "
-              f"{row['fetch']['seconds']:.1f} | {tenths} |")
+        cells = [f"{row[s]['peak_mb']:.0f} | {row[s]['seconds']:.1f} | "
+                 + " ".join(f"{m:.0f}" for m in row[s]["tenths_mb"]) for s in args.stages]
+        print(f"| {row['bins']:,} | " + " | ".join(cells) + " |")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 
