@@ -87,7 +87,8 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", choices=("catalog", "fetch"), default=["catalog", "fetch"],
                         help="fetch needs catalog: it reads the counts from it")
     parser.add_argument("--subset", choices=("manifest", "all"), default="manifest",
-                        help="a manifest of the bins' ids, or data.subset=all: the whole listing (each size its own source)")
+                        help="a manifest of the bins' ids, or data.subset=all: the whole listing "
+                             "(each size its own source)")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     from bench_fetch import cpu_model
@@ -115,8 +116,8 @@ def main() -> None:
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; `python benchmarks/bench_fetch_memory.py --bins "
           f"{' '.join(map(str, args.bins))} --photos {args.photos} --workers {args.workers} --stages "
           f"{' '.join(args.stages)} --subset {args.subset}`\n")
-    print("| bins | " + " | ".join(f"{s} peak RSS MB | {s} s | {s} RSS MB at each tenth of its run" for s in args.stages)
-          + " |")
+    columns = (f"{s} peak RSS MB | {s} s | {s} RSS MB at each tenth of its run" for s in args.stages)
+    print("| bins | " + " | ".join(columns) + " |")
     print("|---|" + "---|---|---|" * len(args.stages))
     for row in results:
         cells = [f"{row[s]['peak_mb']:.0f} | {row[s]['seconds']:.1f} | "

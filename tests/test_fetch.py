@@ -291,8 +291,21 @@ def test_failed_bins_are_named_in_the_one_line_error(tmp_path):
         _summarise(report, tmp_path, planned=1)
 
 
-ARENA_PROBE = """
-import ctypes, sys, threading
+COUNT_ARENAS = """
+import ctypes, sys
+
+def arenas(path):  # malloc_info, written to path, lists one <heap> per arena
+    libc = ctypes.CDLL(None)
+    libc.fopen.restype = ctypes.c_void_p
+    handle = ctypes.c_void_p(libc.fopen(path.encode(), b"w"))
+    libc.malloc_info(0, handle)
+    libc.fclose(handle)
+    with open(path) as report:
+        return report.read().count("<heap nr=")
+"""
+
+ARENA_PROBE = COUNT_ARENAS + """
+import threading
 from bincounter.data.source import limit_malloc_arenas
 if sys.argv[1] == "limit":
     assert limit_malloc_arenas(2)
@@ -303,11 +316,7 @@ def download():  # what a download thread does to malloc: photo-sized buffers (t
 threads = [threading.Thread(target=download) for _ in range(16)]
 for t in threads: t.start()
 for t in threads: t.join()
-libc = ctypes.CDLL(None)
-libc.fopen.restype = ctypes.c_void_p
-handle = ctypes.c_void_p(libc.fopen(sys.argv[2].encode(), b"w"))
-libc.malloc_info(0, handle)
-libc.fclose(handle)
+print(arenas(sys.argv[2]))
 """
 
 
@@ -318,29 +327,20 @@ def test_download_threads_share_two_malloc_arenas(tmp_path, monkeypatch):
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     arenas = {}
     for mode in ("limit", "default"):
-        report = tmp_path / f"{mode}.xml"
-        subprocess.run([sys.executable, "-c", ARENA_PROBE, mode, str(report)], check=True)
-        arenas[mode] = report.read_text().count("<heap nr=")
+        out = subprocess.run([sys.executable, "-c", ARENA_PROBE, mode, str(tmp_path / f"{mode}.xml")],
+                             check=True, capture_output=True, text=True).stdout
+        arenas[mode] = int(out.splitlines()[-1])
     assert arenas["limit"] <= 2 < arenas["default"]
 
 
-FETCH_PROBE = """
-import ctypes, json, sys
+FETCH_PROBE = COUNT_ARENAS + """
+import json
 from bincounter.config import build_config
 from bincounter.data.fetch import fetch
 
-def arenas():  # malloc_info lists one <heap> per arena
-    libc = ctypes.CDLL(None)
-    libc.fopen.restype = ctypes.c_void_p
-    handle = ctypes.c_void_p(libc.fopen(sys.argv[2].encode(), b"w"))
-    libc.malloc_info(0, handle)
-    libc.fclose(handle)
-    with open(sys.argv[2]) as report:
-        return report.read().count("<heap nr=")
-
-before = arenas()
+before = arenas(sys.argv[2])
 fetch(build_config({}, json.loads(sys.argv[1])).data)
-print(json.dumps([before, arenas()]))
+print(json.dumps([before, arenas(sys.argv[2])]))
 """
 
 

@@ -32,10 +32,11 @@ DOWNLOAD_ARENAS = 2
 
 def limit_malloc_arenas(arenas: int = DOWNLOAD_ARENAS) -> bool:
     """Have glibc share `arenas` malloc arenas among the threads that first allocate from now on (a thread
-    takes its arena at its first malloc), instead of up to 8 per core. Each download thread frees photo-sized buffers into its own arena, and with 16 arenas fetch's RSS
-    kept creeping up shard after shard; with 2 it rose 16 MB over a 100,000-bin run instead of 26, no slower
-    (benchmarks/scale.md). MALLOC_ARENA_MAX in the environment wins. -> whether the limit was set (False
-    without glibc: macOS, musl)."""
+    takes its arena at its first malloc), instead of up to 8 per core. Each download thread frees
+    photo-sized buffers into its own arena, and with 16 arenas fetch's RSS kept creeping up shard after
+    shard; with 2 it rose 16 MB over a 100,000-bin run instead of 26, no slower (benchmarks/scale.md).
+    MALLOC_ARENA_MAX in the environment wins. -> whether the limit was set (False without glibc: macOS,
+    musl)."""
     if "MALLOC_ARENA_MAX" in os.environ:
         return False
     try:
