@@ -1,7 +1,7 @@
-"""Does fetch's memory grow with the number of bins? Peak RSS by bins, with the photos held constant.
+"""Does a stage's memory grow with the number of bins? Peak RSS by bins, with the photos held constant.
 
     python benchmarks/bench_fetch_memory.py [--sources ../shared/abid-sample] [--bins 2000 20000 50000] \
-        [--photos 1000] [--workers 32] [--stages catalog fetch] [--subset manifest|all]
+        [--photos 1000] [--workers 32] [--stages catalog fetch split prepare] [--subset manifest|all]
 
 bench_scale.py measures every stage against the S3 emulator, but its bins cycle through photos of unequal
 sizes, and fetch holds one shard of photos at a time, so its peak also follows the largest shard. Here the
@@ -10,7 +10,9 @@ pointing at photo n % P of the first P full-size photos of --sources (with its m
 1,000 bins then holds the same photos, and only the number of bins changes.
 
 For each size, in fresh subprocesses: `bincounter catalog`, then `bincounter fetch`, each with
-data.workers W (the local source reads files, no emulator: what is measured is bincounter's own process).
+data.workers W (the local source reads files, no emulator: what is measured is bincounter's own process),
+then, when asked, `bincounter split` and `bincounter prepare` (its parent process: the resizing workers
+are children, one per core, and hold one raw shard each whatever the number of bins).
 Reported: each stage's VmHWM (its peak RSS, read from /proc at exit), its wall time and its RSS at each
 tenth of its run (psutil, sampled every 0.1 s), to tell growth that levels off from growth with every bin.
 """
@@ -84,8 +86,8 @@ def main() -> None:
     parser.add_argument("--bins", type=int, nargs="+", default=[2000, 20000, 50000])
     parser.add_argument("--photos", type=int, default=1000, help="distinct photos the bins cycle through")
     parser.add_argument("--workers", type=int, default=32, help="data.workers")
-    parser.add_argument("--stages", nargs="+", choices=("catalog", "fetch"), default=["catalog", "fetch"],
-                        help="fetch needs catalog: it reads the counts from it")
+    parser.add_argument("--stages", nargs="+", choices=("catalog", "fetch", "split", "prepare"),
+                        default=["catalog", "fetch"], help="each needs the ones before it, in this order")
     parser.add_argument("--subset", choices=("manifest", "all"), default="manifest",
                         help="a manifest of the bins' ids, or data.subset=all: the whole listing "
                              "(each size its own source)")
@@ -109,7 +111,9 @@ def main() -> None:
                 Path(subset).write_text(json.dumps([f"{n:06d}" for n in range(bins)]))
             settings = {"data.source": str(source), "data.subset": subset, "data.max_candidates": "0",
                         "data.catalog": str(work / "catalog.parquet"), "data.raw_dir": str(work / "raw"),
-                        "data.workers": str(args.workers), "data.max_count": "1000"}
+                        "data.workers": str(args.workers), "data.max_count": "1000",
+                        "split.out_dir": str(work / "splits"), "split.eda_dir": str(work / "eda"),
+                        "prepare.out_dir": str(work / "prepared")}
             row = {"bins": bins, **{stage: run_stage(stage, settings) for stage in args.stages}}
             results.append(row)
             print(f"{bins} bins: {row[args.stages[-1]]['summary']}", file=sys.stderr, flush=True)

@@ -17,8 +17,10 @@ from PIL import Image
 from bincounter.images import decode_and_resize
 from bincounter.data import shards
 from bincounter.data.catalog import read_catalog
-from bincounter.data.prepare import read_labels
+from bincounter.data.fetch import read_index
+from bincounter.data.prepare import _in_order, plan_split, read_labels
 from bincounter.data.split import _cut_sizes, read_split, stratified_split
+from bincounter.errors import BincounterError
 from bincounter.storage import s3_client
 from bincounter.data.sync import sync
 
@@ -74,6 +76,17 @@ def test_eda_report_is_written(prepared):
     assert (eda / "class_counts.csv").read_text().startswith("count,train,val,test")
 
 
+def test_eda_samples_a_dozen_counts_of_a_wide_count_range_not_one_row_each():
+    from bincounter.data.eda import SAMPLE_ROWS, sample_rows
+
+    labels = {f"{n:05d}": (n * 7) % 400 for n in range(4000)}  # counts 0..399 present, a range of 0..1000
+    rows = sample_rows(labels, list(range(1001)))
+    assert len(rows) == SAMPLE_ROWS and min(rows) == 0 and max(rows) == 399  # spread over what is present
+    assert all(ids == sorted(i for i, c in labels.items() if c == count) for count, ids in rows.items())
+    small = sample_rows({"a": 1, "b": 3, "c": 1}, list(range(6)))
+    assert small == {0: [], 1: ["a", "c"], 2: [], 3: ["b"], 4: [], 5: []}  # 0..5: a row per count, empty or not
+
+
 def test_prepare_stores_each_photo_once_resized_as_jpeg_in_shards(prepared):
     from torchvision.io import decode_jpeg
 
@@ -95,6 +108,43 @@ def test_prepare_stores_each_photo_once_resized_as_jpeg_in_shards(prepared):
     photo_bytes = sum(r[4] for r in rows)
     assert photo_bytes / len(rows) < 25_000
     assert json.loads((prepared / "data/prepared/meta.json").read_text())["image_size"] == 72
+
+
+def test_prepare_plans_a_split_raw_shard_by_raw_shard_and_refuses_a_bin_not_fetched(prepared, tmp_path):
+    raw_dir = prepared / "data/raw"
+    fetched = [(r["image_id"], r["shard"]) for r in read_index(raw_dir) if r["status"] == "ok"]
+    counts = dict(read_split(prepared / "data/splits/train.csv"))
+    total, jobs = plan_split(prepared / "data/splits/train.csv", raw_dir)
+    jobs = list(jobs)
+    assert total == len(counts) and len(jobs) > 1  # the 48 fixtures fill three raw shards of 16
+    assert [shard for shard, _, _ in jobs] == sorted({s for i, s in fetched if i in counts})  # each shard once
+    for shard, ids, shard_counts in jobs:  # the split's bins of that shard, in the index's order
+        assert ids == [i for i, s in fetched if s == shard and i in counts]
+        assert shard_counts == [counts[i] for i in ids]
+    stray = tmp_path / "train.csv"
+    stray.write_text("image_id,count\n" + "".join(f"{i},{c}\n" for i, c in list(counts.items())[:3])
+                     + "not-fetched,2\n")
+    with pytest.raises(BincounterError, match="cannot prepare not-fetched: not in fetch's index"):
+        plan_split(stray, raw_dir)
+    stray.write_text(f"image_id,count\n{fetched[0][0]},{2**64}\n")  # a hand-edited count
+    with pytest.raises(BincounterError, match="is not a split file"):
+        plan_split(stray, raw_dir)
+
+
+def test_prepare_keeps_only_a_window_of_raw_shards_in_flight():
+    from concurrent.futures import ThreadPoolExecutor
+
+    pulled = []
+
+    def jobs():
+        for k in range(100):
+            pulled.append(k)
+            yield k
+
+    with ThreadPoolExecutor(2) as pool:
+        results = _in_order(pool, lambda k: k * k, jobs(), window=3)
+        assert next(results) == 0 and len(pulled) == 3  # not all 100 submitted at once, as Executor.map does
+        assert list(results) == [k * k for k in range(1, 100)]
 
 
 def test_sync_uploads_channels_incrementally(aws, prepared, tmp_path, capsys):

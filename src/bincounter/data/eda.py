@@ -7,8 +7,10 @@ image_sizes.png and samples.png (a grid of sample photos per count).
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
+from array import array
 from collections import Counter
 from pathlib import Path
 
@@ -16,25 +18,26 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bincounter.config import Config  # noqa: E402
 from bincounter.data import shards  # noqa: E402
-from bincounter.data.fetch import SHARDS, shard_of as fetched_shards  # noqa: E402
+from bincounter.data.fetch import SHARDS, kept_bins  # noqa: E402
+
+SAMPLE_ROWS = 12  # at most this many counts get a row of samples.png and a tick of class_balance.png
 
 
 def write_report(config: Config, splits: dict[str, list[str]], labels: dict[str, int], rejects: dict[str, str]):
     eda_dir = Path(config.split.eda_dir)
     eda_dir.mkdir(parents=True, exist_ok=True)
     raw_dir = Path(config.data.raw_dir)
-    shard_of = fetched_shards(raw_dir)
     classes = list(range(config.data.max_count + 1))
     counts = {name: Counter(labels[i] for i in ids) for name, ids in splits.items()}
-    sizes = _sizes(raw_dir, shard_of, set(labels))
+    widths, heights = _sizes(raw_dir, labels)
 
     rows = [f"count,{','.join(splits)}"] + [f"{c},{','.join(str(counts[s][c]) for s in splits)}" for c in classes]
     (eda_dir / "class_counts.csv").write_text("\n".join(rows) + "\n")
-    widths, heights = [w for w, _ in sizes], [h for _, h in sizes]
     summary = {
         "images": len(labels),
         "rejected": len(rejects),
@@ -53,24 +56,28 @@ def write_report(config: Config, splits: dict[str, list[str]], labels: dict[str,
                                         if config.split.strategy == "grouped" else "")
     _plot_class_balance(eda_dir / "class_balance.png", counts, classes, strategy)
     _plot_sizes(eda_dir / "image_sizes.png", widths, heights)
-    _plot_samples(eda_dir / "samples.png", labels, raw_dir, shard_of, classes, seed=config.split.seed)
+    _plot_samples(eda_dir / "samples.png", labels, raw_dir, classes, seed=config.split.seed)
 
 
-def _sizes(raw_dir: Path, shard_of: dict[str, str], wanted: set[str]) -> list[tuple[int, int]]:
-    """Photo sizes as fetch measured them, from each shard's index (no photo is read again)."""
-    sizes = []
-    for name in sorted({shard_of[i] for i in wanted}):
+def _sizes(raw_dir: Path, wanted: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(widths, heights) of the wanted photos as fetch measured them, from the index of each raw shard that
+    holds one (no photo is read again); int32 arrays, 8 bytes a bin where tuples took ~70."""
+    widths, heights, seen = array("i"), array("i"), set()
+    for name, members in itertools.groupby(kept_bins(raw_dir), key=lambda pair: pair[1]):
+        if name in seen or not any(image_id in wanted for image_id, _ in members):
+            continue
+        seen.add(name)
         recorded = shards.read_index(raw_dir / SHARDS / name)["bins"]
-        sizes += [tuple(recorded[i][3]) for i in sorted(recorded) if i in wanted and recorded[i][3]]
-    return sizes
+        for image_id in sorted(recorded):
+            if image_id in wanted and recorded[image_id][3]:
+                width, height = recorded[image_id][3]
+                widths.append(width)
+                heights.append(height)
+    return np.frombuffer(widths, np.int32), np.frombuffer(heights, np.int32)
 
 
-def _median(values: list[int]) -> float:
-    values = sorted(values)
-    if not values:
-        return 0.0
-    mid = len(values) // 2
-    return float(values[mid]) if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+def _median(values: np.ndarray) -> float:
+    return float(np.median(values)) if len(values) else 0.0
 
 
 def _plot_class_balance(path: Path, counts: dict[str, Counter], classes: list[int], strategy: str) -> None:
@@ -83,14 +90,15 @@ def _plot_class_balance(path: Path, counts: dict[str, Counter], classes: list[in
                label=f"{name} ({total})")
     ax.set(xlabel="objects in bin (EXPECTED_QUANTITY)", ylabel="share of the split's bins",
            title=f"Class balance per split ({strategy})")
-    ax.set_xticks(classes)
+    if len(classes) <= SAMPLE_ROWS:  # a tick per count; matplotlib's own ticks for a long range
+        ax.set_xticks(classes)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def _plot_sizes(path: Path, widths: list[int], heights: list[int]) -> None:
+def _plot_sizes(path: Path, widths: np.ndarray, heights: np.ndarray) -> None:
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.scatter(widths, heights, s=6, alpha=0.4)
     ax.set(xlabel="width (px)", ylabel="height (px)", title=f"Image sizes (n={len(widths)})")
@@ -99,13 +107,31 @@ def _plot_sizes(path: Path, widths: list[int], heights: list[int]) -> None:
     plt.close(fig)
 
 
-def _plot_samples(path: Path, labels: dict[str, int], raw_dir: Path, shard_of: dict[str, str], classes: list[int],
-                  seed: int, per=4):
+def sample_rows(labels: dict[str, int], classes: list[int]) -> dict[int, list[str]]:
+    """{count: its bins' ids, sorted} for the rows of samples.png: every count of a small range, or
+    SAMPLE_ROWS counts spread over the present ones (a range of 0..1000 would draw 4,000 photos and
+    take gigabytes). One pass over the labels."""
+    present = sorted(set(labels.values()))
+    if len(classes) <= SAMPLE_ROWS:
+        shown = classes
+    else:
+        spread = {round(k * (len(present) - 1) / (SAMPLE_ROWS - 1)) for k in range(SAMPLE_ROWS)} if present else set()
+        shown = [present[k] for k in sorted(spread)]
+    rows: dict[int, list[str]] = {count: [] for count in shown}
+    for image_id, count in labels.items():
+        if count in rows:
+            rows[count].append(image_id)
+    return {count: sorted(ids) for count, ids in rows.items()}
+
+
+def _plot_samples(path: Path, labels: dict[str, int], raw_dir: Path, classes: list[int], seed: int, per=4):
     rng = random.Random(seed)
-    fig, axes = plt.subplots(len(classes), per, figsize=(per * 2.2, len(classes) * 2.2), squeeze=False)
-    for row, count in enumerate(classes):
-        ids = sorted(i for i, c in labels.items() if c == count)
-        picks = rng.sample(ids, min(per, len(ids)))
+    rows = sample_rows(labels, classes)
+    chosen = {count: rng.sample(ids, min(per, len(ids))) for count, ids in rows.items()}
+    wanted = {image_id for picks in chosen.values() for image_id in picks}
+    shard_of = {image_id: shard for image_id, shard in kept_bins(raw_dir) if image_id in wanted}
+    fig, axes = plt.subplots(len(rows), per, figsize=(per * 2.2, len(rows) * 2.2), squeeze=False)
+    for row, (count, picks) in enumerate(chosen.items()):
         for col in range(per):
             ax = axes[row][col]
             ax.axis("off")

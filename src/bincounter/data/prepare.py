@@ -12,14 +12,16 @@ from __future__ import annotations
 import csv
 import ctypes
 import io
+import itertools
 import json
 import os
 import signal
 import time
 import uuid
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from PIL import Image
 from tqdm import tqdm
@@ -27,8 +29,8 @@ from tqdm import tqdm
 from bincounter.config import Config, file_sha256
 from bincounter.errors import BincounterError
 from bincounter.data import shards
-from bincounter.data.fetch import SHARDS, shard_of as fetched_shards
-from bincounter.data.split import SPLITS, read_split
+from bincounter.data.fetch import SHARDS, kept_bins
+from bincounter.data.split import SPLITS, iter_split
 from bincounter.images import BadImage, decode_and_resize
 from bincounter.files import UnsafeName, atomic_path, remove_partials, safe_name, write_text
 from bincounter.storage import open_folder
@@ -40,9 +42,10 @@ PREPARED_FILE = "prepared.json"  # written last in each split folder: which prep
 PR_SET_PDEATHSIG = 1
 
 
-def _resize_shard(job: tuple[str, list[str], int, int]) -> list[tuple[str, bytes | str]]:
-    """Pool worker: the wanted photos of one raw shard, resized and re-encoded; a one-line reason when bad."""
-    path, wanted, size, quality = job
+def _resize_shard(job: tuple[str, list[str], list[int], int, int]) -> list[tuple[str, int, bytes | str]]:
+    """Pool worker: the wanted photos of one raw shard, resized and re-encoded, with their counts; a
+    one-line reason instead of the photo when it is bad."""
+    path, wanted, counts, size, quality = job
     out = {}
     for name, data in shards.iter_members(Path(path), {f"{i}.jpg" for i in wanted}):
         image_id = name[: -len(".jpg")]
@@ -52,7 +55,23 @@ def _resize_shard(job: tuple[str, list[str], int, int]) -> list[tuple[str, bytes
             out[image_id] = buffer.getvalue()
         except (BadImage, OSError) as exc:
             out[image_id] = f"{image_id}: {exc}"
-    return [(i, out.get(i, f"{i}: not in {Path(path).name}")) for i in wanted]
+    return [(i, c, out.get(i, f"{i}: not in {Path(path).name}")) for i, c in zip(wanted, counts)]
+
+
+def _in_order(pool: ProcessPoolExecutor, fn: Callable, jobs: Iterable, window: int) -> Iterator:
+    """fn(job) of each job, in the jobs' order, with at most `window` submitted and not yet read:
+    Executor.map submits every job at once and keeps every result until it is read."""
+    pending: deque = deque()
+    try:
+        for job in jobs:
+            pending.append(pool.submit(fn, job))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # an error or Ctrl-C: the jobs not started never start
+        for future in pending:
+            future.cancel()
 
 
 def _die_with_parent() -> None:
@@ -64,34 +83,49 @@ def _die_with_parent() -> None:
         pass
 
 
-def prepare_split(rows: list[tuple[str, int]], shard_of: dict[str, str], raw_dir: Path, out_dir: Path, size: int,
-                  quality: int, shard_size: int, workers: int) -> int:
-    """Write one split's shards and labels.csv; -> bytes of photos written. shard_of: each fetched bin's raw
-    shard. Raw shards are read in order, one per worker task, and output shards are flushed as they fill:
-    memory holds one shard, whatever the split."""
-    counts = dict(rows)
-    missing = [i for i in counts if i not in shard_of]
-    if missing:
-        raise BincounterError(f"cannot prepare {missing[0]}: not in fetch's index (rerun `dvc repro fetch`)")
-    by_shard: dict[str, list[str]] = {}
-    for image_id, _ in rows:
-        by_shard.setdefault(shard_of[image_id], []).append(image_id)
-    jobs = [(str(raw_dir / SHARDS / name), ids, size, quality) for name, ids in sorted(by_shard.items())]
+def plan_split(split_csv: Path, raw_dir: Path) -> tuple[int, Iterator[tuple[str, list[str], list[int]]]]:
+    """(rows, the split's bins as (raw shard, ids, counts), a raw shard at a time in the order of fetch's
+    index). Memory holds the split's {id: count} (~100 bytes a bin) and one shard's lists: fetch's index,
+    every bin fetched, is read twice as a stream instead of being held (a dict of it cost ~250 bytes a bin,
+    and pyarrow's import alone 90 MB). Refuses a split naming a bin fetch did not keep, before any work."""
+    counts = dict(iter_split(split_csv))
+    found = sum(1 for image_id, _ in kept_bins(raw_dir) if image_id in counts)
+    if found < len(counts):
+        fetched = {image_id for image_id, _ in kept_bins(raw_dir)}  # the error path only
+        missing = next(i for i in counts if i not in fetched)
+        raise BincounterError(f"cannot prepare {missing}: not in fetch's index (rerun `dvc repro fetch`)")
+
+    def jobs() -> Iterator[tuple[str, list[str], list[int]]]:
+        for shard, members in itertools.groupby(kept_bins(raw_dir), key=lambda pair: pair[1]):
+            ids = [image_id for image_id, _ in members if image_id in counts]
+            if ids:
+                yield shard, ids, [counts[i] for i in ids]
+
+    return len(counts), jobs()
+
+
+def prepare_split(split_csv: Path, raw_dir: Path, out_dir: Path, size: int, quality: int, shard_size: int,
+                  workers: int) -> tuple[int, int]:
+    """Write one split's shards and labels.csv; -> (bins, bytes of photos written). Raw shards are read in
+    order, one per worker task, at most two tasks a worker ahead, and output shards are flushed as they
+    fill: memory holds a few shards, whatever the split."""
+    total, jobs = plan_split(split_csv, raw_dir)
     # labels.csv is written as the shards are, under a temp name renamed at the end: memory holds no label list
     with atomic_path(out_dir / LABELS_FILE) as labels_tmp, open(labels_tmp, "w", newline="") as handle, \
             ProcessPoolExecutor(workers, initializer=_die_with_parent) as pool, \
-            tqdm(total=len(rows), desc=f"prepare {out_dir.name}", unit="img") as bar:
+            tqdm(total=total, desc=f"prepare {out_dir.name}", unit="img") as bar:
         labels = csv.writer(handle)
         labels.writerow(LABEL_COLUMNS)
         writer = _ShardWriter(out_dir, shard_size, labels.writerows)
-        for results in pool.map(_resize_shard, jobs):
-            for image_id, result in results:
+        tasks = ((str(raw_dir / SHARDS / shard), ids, counts, size, quality) for shard, ids, counts in jobs)
+        for results in _in_order(pool, _resize_shard, tasks, window=2 * workers):
+            for image_id, count, result in results:
                 if isinstance(result, str):
                     raise BincounterError(f"cannot prepare {result} (rerun fetch to repair data/raw)")
-                writer.add(image_id, counts[image_id], result)
+                writer.add(image_id, count, result)
                 bar.update()
         writer.close()
-    return writer.bytes
+    return total, writer.bytes
 
 
 class _ShardWriter:
@@ -129,7 +163,6 @@ def prepare(config: Config) -> dict[str, float]:
     start, total, stored = time.perf_counter(), 0, 0
     generation = uuid.uuid4().hex  # one prepare run: training refuses splits from different runs
     shas = {}
-    shard_of = fetched_shards(raw_dir)
     for name in SPLITS:
         split_csv = Path(config.split.out_dir) / f"{name}.csv"
         if not split_csv.exists():
@@ -139,12 +172,12 @@ def prepare(config: Config) -> dict[str, float]:
         (out_dir / PREPARED_FILE).unlink(missing_ok=True)  # a split being rewritten is never complete
         remove_partials(out_dir)  # what a killed prepare left
         shards.remove_stale(out_dir, keep=set())
-        rows = read_split(split_csv)
-        stored += prepare_split(rows, shard_of, raw_dir, out_dir, size, quality, config.data.shard_size, workers)
+        rows, written = prepare_split(split_csv, raw_dir, out_dir, size, quality, config.data.shard_size, workers)
+        stored += written
         shas[name] = file_sha256(split_csv)
-        record = {"generation": generation, "split_csv_sha256": shas[name], "rows": len(rows), "image_size": size}
+        record = {"generation": generation, "split_csv_sha256": shas[name], "rows": rows, "image_size": size}
         write_text(out_dir / PREPARED_FILE, json.dumps(record, indent=2) + "\n")
-        total += len(rows)
+        total += rows
     seconds = time.perf_counter() - start
     meta = {"image_size": size, "max_count": config.data.max_count, "format": f"tar shards of {size}px JPEG",
             "jpeg_quality": quality, "generation": generation, "split_csv_sha256": shas}

@@ -12,6 +12,7 @@ import random
 import warnings
 from collections import defaultdict
 from pathlib import Path
+from typing import Iterator
 
 from bincounter.config import Config
 from bincounter import files
@@ -112,21 +113,27 @@ def _cut_sizes(n: int, fractions: list[float]) -> list[int]:
 
 
 def read_split(path: str | os.PathLike) -> list[tuple[str, int]]:
-    """(image_id, count) rows of a split CSV (or a prepared labels.csv); one-line error for a hand-edited
-    file with an id that is not a plain name or a count that is not a number."""
-    rows = []
+    """(image_id, count) rows of a split CSV (or a prepared labels.csv); see iter_split."""
+    return list(iter_split(path))
+
+
+def iter_split(path: str | os.PathLike) -> Iterator[tuple[str, int]]:
+    """(image_id, count) rows of a split CSV, read one at a time; one-line error for a hand-edited file with
+    an id that is not a plain name or a count that is not a number from 0 to 2**31 - 1."""
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             for row in reader:
-                rows.append((files.safe_name(row["image_id"]), int(row["count"])))
+                count = int(row["count"])
+                if not 0 <= count < 2**31:
+                    raise ValueError(count)
+                yield files.safe_name(row["image_id"]), count
     except FileNotFoundError:
         raise BincounterError(f"{path} not found: run `dvc repro`") from None
     except files.UnsafeName as exc:
         raise BincounterError(f"{path} line {reader.line_num}: {exc}") from None
     except (KeyError, TypeError, ValueError, UnicodeDecodeError, csv.Error):
         raise BincounterError(f"{path} is not a split file (image_id,count rows); rerun `dvc repro`") from None
-    return rows
 
 
 def split(config: Config) -> dict[str, list[str]]:
