@@ -440,7 +440,8 @@ def test_a_resumed_training_reproduces_an_uninterrupted_one(prepared, tmp_path):
     from bincounter.training.loop import fit
 
     dirs = {n: prepared / "data/prepared" / n for n in ("train", "val", "test")}
-    settings = {"train.profile_steps": 0, "train.num_workers": 0, "train.augment": 0.5, "train.epochs": 3}
+    settings = {"train.profile_steps": 0, "train.num_workers": 0, "train.augment": 0.5, "train.epochs": 3,
+                "train.warmup_epochs": 1.5}  # interrupted halfway through the warm-up
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     straight = fit(config_on(prepared, tmp_path / "a", **settings), dirs)
@@ -455,6 +456,8 @@ def test_a_resumed_training_reproduces_an_uninterrupted_one(prepared, tmp_path):
     resumed = fit(interrupted, dirs, resume=True)
     assert torch.load(Path(interrupted.train.checkpoint_dir) / "last.pt", weights_only=True)["epoch"] == 3
     assert resumed.epoch_metrics == straight.epoch_metrics
+    steps, lr = len(straight.history.step_losses) // 3, interrupted.train.lr
+    assert straight.epoch_metrics[0]["lr"] == pytest.approx(lr * (steps + 1) / (1.5 * steps) * 0.75)  # warming
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
 

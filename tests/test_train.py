@@ -27,8 +27,9 @@ from bincounter.errors import BincounterError
 from bincounter.model import build_model
 from bincounter.training.profiling import RunHistory, check_rules
 from bincounter.training.checkpoints import CHECKPOINT_FILE
-from bincounter.training.loop import autocast_dtype, fit, train_one_epoch
+from bincounter.training.loop import autocast_dtype, fit, lr_schedule, train_one_epoch
 from bincounter.training.loss import make_loss
+from bincounter.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAD = "backbone.fc.weight"
@@ -263,6 +264,34 @@ def test_emd_loss_charges_more_for_being_further_off():
     far = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 5.0]])
     assert emd(far, target) > emd(near, target)
     assert torch.isclose(ce(far, target), ce(near, target))
+
+
+def _schedule(warmup_epochs: float, epochs: int = 4, steps: int = 10) -> list[float]:
+    """The learning rate of each optimizer step of `epochs` epochs of `steps` steps."""
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 1).parameters(), lr=0.01)
+    scheduler = lr_schedule(optimizer, TrainConfig(epochs=epochs, lr=0.01, warmup_epochs=warmup_epochs), steps)
+    rates = []
+    for _ in range(epochs * steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_warm_up_rises_step_by_step_then_the_cosine_falls_epoch_by_epoch():
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 1).parameters(), lr=0.01)
+    per_epoch = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4)
+    cosine = []
+    for _ in range(4):
+        cosine.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        per_epoch.step()
+    plain = _schedule(warmup_epochs=0)
+    assert plain == pytest.approx([rate for rate in cosine for _ in range(10)])  # off: the epoch cosine as before
+    warm = _schedule(warmup_epochs=0.5)
+    assert warm[:5] == pytest.approx([0.002, 0.004, 0.006, 0.008, 0.01])  # 5 steps to the full rate
+    assert warm[5:] == pytest.approx(plain[5:])
+    assert _schedule(warmup_epochs=2)[15] == pytest.approx(16 / 20 * cosine[1])  # a warm-up across epochs
 
 
 def test_label_smoothing_is_least_at_the_smoothed_target_not_at_certainty():

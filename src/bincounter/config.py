@@ -97,6 +97,8 @@ class TrainConfig:
     batch_size: int = knob(32, "batch size", min=1, max=65536)
     lr: float = knob(0.001, "learning rate", min=0.0)
     weight_decay: float = knob(0.0001, "weight decay", min=0.0, max=1.0)
+    warmup_epochs: float = knob(0.0, "linear learning-rate warm-up over this many epochs, step by step, "
+                                "before the cosine schedule (0 = off)", min=0.0, max=100000.0)
     optimizer: str = knob("adamw", "adamw | sgd", choices=("adamw", "sgd"))
     loss: str = knob("emd", "ce | emd (cross-entropy + squared earth mover's distance, ordinal-aware) | sord "
                      "(cross-entropy against soft ordinal labels)", choices=("ce", "emd", "sord"))

@@ -154,9 +154,10 @@ def to_device(loader, images, device: torch.device) -> torch.Tensor:
 
 def train_one_epoch(model, loader, optimizer, loss_fn: CountLoss, device: torch.device, history: RunHistory, *,
                     amp_dtype: torch.dtype | None = None, recorder=None, desc: str = "train",
-                    show_progress: bool = True, ema: AveragedModel | None = None) -> float:
+                    show_progress: bool = True, ema: AveragedModel | None = None, scheduler=None) -> float:
     """One pass over loader; -> mean training loss. Raises TrainingDiverged on a non-finite loss.
-    ema, when given, averages the weights after every optimizer step."""
+    ema, when given, averages the weights after every optimizer step; scheduler, when given, steps after
+    every optimizer step too (lr_schedule)."""
     model.train()
     timer = StepTimer(history, device)
     total, n = 0.0, 0
@@ -175,6 +176,8 @@ def train_one_epoch(model, loader, optimizer, loss_fn: CountLoss, device: torch.
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=float("inf"))
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
         timer.step_done()
@@ -226,6 +229,20 @@ def build_optimizer(model, cfg: TrainConfig):
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def lr_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate of each optimizer step: train.lr times a linear warm-up over train.warmup_epochs
+    (reaching 1 at its last step), times the cosine of the epoch (1 in the first epoch, near 0 in the last:
+    what CosineAnnealingLR stepped once an epoch gives). Stepped after every optimizer step."""
+    warmup_steps = cfg.warmup_epochs * max(steps_per_epoch, 1)
+    epochs = max(cfg.epochs, 1)
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+        return warm * 0.5 * (1 + math.cos(math.pi * (step // max(steps_per_epoch, 1)) / epochs))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def metric_line(epoch: int, metrics: dict, prefix: str = "") -> str:
     """The log line SageMaker's metric definitions parse: `epoch=3 accuracy=0.41 rmse=1.02 ...`."""
     parts = [f"{prefix}{k}={metrics[k]:.5f}" for k in EPOCH_KEYS if k in metrics]
@@ -264,7 +281,7 @@ def fit(config: Config, data_dirs: dict[str, Path], *, resume: bool = False, pro
 
     model = build_model(cfg.arch, num_classes, cfg.pretrained, cfg.weights_path).to(device)
     optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    scheduler = lr_schedule(optimizer, cfg, steps_per_epoch=len(train_loader))
     ema = weight_average(model, cfg.ema)
     scored = ema.module if ema is not None else model  # what is validated, kept as best and saved
     result = FitResult(model=model, history=RunHistory(device=device.type), device=device.type,
@@ -284,10 +301,9 @@ def fit(config: Config, data_dirs: dict[str, Path], *, resume: bool = False, pro
             train_loss = train_one_epoch(train_model, train_loader, optimizer, loss_fn, device, result.history,
                                          amp_dtype=amp_dtype, recorder=recorder if profiling else None,
                                          desc=f"epoch {epoch + 1}/{cfg.epochs}", show_progress=rank == 0,
-                                         ema=ema)
+                                         ema=ema, scheduler=scheduler)
         if profiling:
             result.trace_dir, result.top_operators = recorder.out_dir, recorder.table
-        scheduler.step()
         probs, targets, val_loss = predict_loader(scored, val_loader, device, amp_dtype=amp_dtype, loss_fn=loss_fn)
         metrics = counting_metrics(targets, probs.argmax(1), num_classes)
         metrics.update(train_loss=train_loss, val_loss=val_loss, lr=optimizer.param_groups[0]["lr"])
