@@ -7,7 +7,6 @@ image_sizes.png and samples.png (a grid of sample photos per count).
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import random
 from array import array
@@ -23,7 +22,7 @@ from PIL import Image  # noqa: E402
 
 from bincounter.config import Config  # noqa: E402
 from bincounter.data import shards  # noqa: E402
-from bincounter.data.fetch import SHARDS, kept_bins  # noqa: E402
+from bincounter.data.fetch import SHARDS, kept_bins, kept_shards  # noqa: E402
 
 SAMPLE_ROWS = 12  # at most this many counts get a row of samples.png and a tick of class_balance.png
 
@@ -63,8 +62,8 @@ def _sizes(raw_dir: Path, wanted: dict[str, int]) -> tuple[np.ndarray, np.ndarra
     """(widths, heights) of the wanted photos as fetch measured them, from the index of each raw shard that
     holds one (no photo is read again); int32 arrays, 8 bytes a bin where tuples took ~70."""
     widths, heights, seen = array("i"), array("i"), set()
-    for name, members in itertools.groupby(kept_bins(raw_dir), key=lambda pair: pair[1]):
-        if name in seen or not any(image_id in wanted for image_id, _ in members):
+    for name, members in kept_shards(raw_dir):
+        if name in seen or not any(image_id in wanted for image_id in members):
             continue
         seen.add(name)
         recorded = shards.read_index(raw_dir / SHARDS / name)["bins"]

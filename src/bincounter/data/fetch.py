@@ -13,6 +13,7 @@ only once every bin in it is verified). Every outcome lands in data/raw/index.cs
 from __future__ import annotations
 
 import csv
+import itertools
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -196,6 +197,12 @@ def kept_bins(raw_dir: Path) -> Iterator[tuple[str, str]]:
     """(image id, the raw shard holding it) of every bin fetch kept, in the index's order (shard by shard),
     read as a stream: a dict of them would cost ~250 bytes a bin."""
     return ((row["image_id"], row["shard"]) for row in read_index(raw_dir) if row["status"] == "ok")
+
+
+def kept_shards(raw_dir: Path) -> Iterator[tuple[str, list[str]]]:
+    """(raw shard, the ids of the bins fetch kept in it) a shard at a time, in the index's order."""
+    for shard, members in itertools.groupby(kept_bins(raw_dir), key=lambda pair: pair[1]):
+        yield shard, [image_id for image_id, _ in members]
 
 
 def write_index(raw_dir: Path, ids: pa.Array, planned: dict[str, tuple[int, int]], report: FetchReport) -> None:

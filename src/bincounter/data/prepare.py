@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import ctypes
 import io
-import itertools
 import json
 import os
 import signal
@@ -29,7 +28,7 @@ from tqdm import tqdm
 from bincounter.config import Config, file_sha256
 from bincounter.errors import BincounterError
 from bincounter.data import shards
-from bincounter.data.fetch import SHARDS, kept_bins
+from bincounter.data.fetch import SHARDS, kept_bins, kept_shards
 from bincounter.data.split import SPLITS, iter_split
 from bincounter.images import BadImage, decode_and_resize
 from bincounter.files import UnsafeName, atomic_path, remove_partials, safe_name, write_text
@@ -86,8 +85,8 @@ def _die_with_parent() -> None:
 def plan_split(split_csv: Path, raw_dir: Path) -> tuple[int, Iterator[tuple[str, list[str], list[int]]]]:
     """(rows, the split's bins as (raw shard, ids, counts), a raw shard at a time in the order of fetch's
     index). Memory holds the split's {id: count} (~100 bytes a bin) and one shard's lists: fetch's index,
-    every bin fetched, is read twice as a stream instead of being held (a dict of it cost ~250 bytes a bin,
-    and pyarrow's import alone 90 MB). Refuses a split naming a bin fetch did not keep, before any work."""
+    every bin fetched, is read twice as a stream instead of being held (a dict of it cost ~250 bytes a
+    bin). Refuses a split naming a bin fetch did not keep, before any work."""
     counts = dict(iter_split(split_csv))
     found = sum(1 for image_id, _ in kept_bins(raw_dir) if image_id in counts)
     if found < len(counts):
@@ -96,8 +95,8 @@ def plan_split(split_csv: Path, raw_dir: Path) -> tuple[int, Iterator[tuple[str,
         raise BincounterError(f"cannot prepare {missing}: not in fetch's index (rerun `dvc repro fetch`)")
 
     def jobs() -> Iterator[tuple[str, list[str], list[int]]]:
-        for shard, members in itertools.groupby(kept_bins(raw_dir), key=lambda pair: pair[1]):
-            ids = [image_id for image_id, _ in members if image_id in counts]
+        for shard, members in kept_shards(raw_dir):
+            ids = [image_id for image_id in members if image_id in counts]
             if ids:
                 yield shard, ids, [counts[i] for i in ids]
 

@@ -233,12 +233,12 @@ def lr_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.opti
     """The learning rate of each optimizer step: train.lr times a linear warm-up over train.warmup_epochs
     (reaching 1 at its last step), times the cosine of the epoch (1 in the first epoch, near 0 in the last:
     what CosineAnnealingLR stepped once an epoch gives). Stepped after every optimizer step."""
-    warmup_steps = cfg.warmup_epochs * max(steps_per_epoch, 1)
-    epochs = max(cfg.epochs, 1)
+    steps_per_epoch, epochs = max(steps_per_epoch, 1), max(cfg.epochs, 1)
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
 
     def factor(step: int) -> float:
         warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-        return warm * 0.5 * (1 + math.cos(math.pi * (step // max(steps_per_epoch, 1)) / epochs))
+        return warm * 0.5 * (1 + math.cos(math.pi * (step // steps_per_epoch) / epochs))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
