@@ -131,6 +131,24 @@ def test_prepare_plans_a_split_raw_shard_by_raw_shard_and_refuses_a_bin_not_fetc
         plan_split(stray, raw_dir)
 
 
+def test_prepare_counts_and_prepares_an_id_the_index_lists_twice_once(prepared, tmp_path):
+    index = (prepared / "data/raw/index.csv").read_text().splitlines(keepends=True)
+    counts = dict(read_split(prepared / "data/splits/train.csv"))
+    rows = {line.split(",", 1)[0]: line for line in index[1:]}
+    first, second = [i for i in rows if i in counts][:2]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    # a hand-edited index: `first` listed twice, `second` dropped. Counting matches would miss the gap
+    (raw / "index.csv").write_text("".join(line for line in index if not line.startswith(f"{second},"))
+                                   + rows[first])
+    with pytest.raises(BincounterError, match=f"cannot prepare {second}: not in fetch's index"):
+        plan_split(prepared / "data/splits/train.csv", raw)
+    (raw / "index.csv").write_text("".join(index) + rows[first])  # listed twice, nothing missing
+    total, jobs = plan_split(prepared / "data/splits/train.csv", raw)
+    planned = [(i, c) for _, ids, shard_counts in jobs for i, c in zip(ids, shard_counts)]
+    assert total == len(counts) and sorted(planned) == sorted(counts.items())  # each bin once, its own count
+
+
 def test_prepare_keeps_only_a_window_of_raw_shards_in_flight():
     from concurrent.futures import ThreadPoolExecutor
 

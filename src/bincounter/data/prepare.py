@@ -86,17 +86,26 @@ def plan_split(split_csv: Path, raw_dir: Path) -> tuple[int, Iterator[tuple[str,
     """(rows, the split's bins as (raw shard, ids, counts), a raw shard at a time in the order of fetch's
     index). Memory holds the split's {id: count} (~100 bytes a bin) and one shard's lists: fetch's index,
     every bin fetched, is read twice as a stream instead of being held (a dict of it cost ~250 bytes a
-    bin). Refuses a split naming a bin fetch did not keep, before any work."""
+    bin). Refuses a split naming a bin fetch did not keep, before any work. An id the index lists twice
+    (fetch never does; a hand edit might) is counted and prepared once: the dict's values carry the marks
+    (~count once seen, count again once taken), so deduping costs no set of ids."""
     counts = dict(iter_split(split_csv))
-    found = sum(1 for image_id, _ in kept_bins(raw_dir) if image_id in counts)
-    if found < len(counts):
-        fetched = {image_id for image_id, _ in kept_bins(raw_dir)}  # the error path only
-        missing = next(i for i in counts if i not in fetched)
+    for image_id, _ in kept_bins(raw_dir):
+        if counts.get(image_id, -1) >= 0:
+            counts[image_id] = ~counts[image_id]  # seen; a repeat of it finds a mark and is not counted again
+    missing = next((image_id for image_id, marked in counts.items() if marked >= 0), None)
+    if missing is not None:
         raise BincounterError(f"cannot prepare {missing}: not in fetch's index (rerun `dvc repro fetch`)")
+
+    def take(image_id: str) -> bool:
+        if counts.get(image_id, 0) >= 0:  # not in the split, or taken already
+            return False
+        counts[image_id] = ~counts[image_id]
+        return True
 
     def jobs() -> Iterator[tuple[str, list[str], list[int]]]:
         for shard, members in kept_shards(raw_dir):
-            ids = [image_id for image_id in members if image_id in counts]
+            ids = [image_id for image_id in members if take(image_id)]
             if ids:
                 yield shard, ids, [counts[i] for i in ids]
 
