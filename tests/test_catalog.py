@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -193,6 +194,46 @@ def test_a_killed_run_keeps_what_it_read_and_the_rerun_reads_the_rest(tmp_path):
     assert not list(tmp_path.glob(".*.part"))  # the killed writer's temp file is cleaned up
 
 
+def test_the_same_rows_give_the_same_file_whatever_checkpoints_and_reruns_made_it(tmp_path, monkeypatch):
+    import bincounter.data.catalog as catalog
+
+    folder = tmp_path / "bucket" / "metadata"
+    folder.mkdir(parents=True)
+    for image_id in LABELS:
+        (folder / f"{image_id}.json").symlink_to(FIXTURES / "metadata" / f"{image_id}.json")
+    monkeypatch.setattr(catalog, "ROW_GROUP", 7)
+    settings = {"data.source": str(folder.parent), "data.subset": "all", "data.max_candidates": 0}
+    one_pass = config(tmp_path / "one", **settings)
+    build_catalog(one_pass)
+
+    changed = sorted(LABELS)[::3]  # 16 bins, spread over every row group
+    for image_id in changed:
+        (folder / f"{image_id}.json").unlink()
+        (folder / f"{image_id}.json").write_text('{"EXPECTED_QUANTITY": 9}')
+    for n in range(20):  # bins that are gone by the rerun, between and after the others
+        (folder / f"{sorted(LABELS)[n]}x.json").write_text('{"EXPECTED_QUANTITY": 1}')
+    monkeypatch.setattr(catalog, "CHECKPOINT", 5)
+    stepwise = config(tmp_path / "steps", **settings)
+    assert build_catalog(stepwise)["bins"] == len(LABELS) + 20
+    for image_id in changed:
+        (folder / f"{image_id}.json").unlink()
+        (folder / f"{image_id}.json").symlink_to(FIXTURES / "metadata" / f"{image_id}.json")
+    for stray in folder.glob("*x.json"):
+        stray.unlink()
+    rerun = build_catalog(stepwise)  # 16 read again in 4 checkpoints, 20 dropped, 32 kept
+    assert (rerun["read"], rerun["kept"], rerun["bins"]) == (len(changed), len(LABELS) - len(changed), len(LABELS))
+    assert Path(stepwise.catalog).read_bytes() == Path(one_pass.catalog).read_bytes()
+
+
+def test_a_catalog_not_sorted_by_id_is_refused_in_one_line(tmp_path):
+    cfg = config(tmp_path)
+    build_catalog(cfg)
+    table = read_catalog(cfg.catalog)
+    pq.write_table(table.take(list(reversed(range(table.num_rows)))), cfg.catalog)
+    with pytest.raises(BincounterError, match=r"is not sorted by image_id: delete it and run `dvc repro catalog`"):
+        build_catalog(cfg)
+
+
 def test_a_damaged_or_foreign_catalog_is_refused_in_one_line_and_left_alone(tmp_path):
     cfg = config(tmp_path)
     with pytest.raises(BincounterError, match=r"catalog .* not found: run `dvc repro catalog`"):
@@ -336,6 +377,26 @@ def test_max_bins_is_a_seeded_sorted_sample_of_the_query(catalogued):
     assert query(catalogued, **{"data.max_bins": 10}) == sample
     assert query(catalogued, **{"data.max_bins": 10, "data.seed": 3}) != sample
     assert query(catalogued, **{"data.max_bins": 1000}) == whole
+
+
+def test_a_query_streamed_from_the_file_a_row_group_at_a_time_is_the_whole_tables(tmp_path, monkeypatch):
+    import bincounter.data.catalog as catalog
+
+    monkeypatch.setattr(catalog, "ROW_GROUP", 5)
+    base = {"data.subset": "all", "data.max_candidates": 0}
+    build_catalog(config(tmp_path, **base))
+    assert pq.ParquetFile(tmp_path / "catalog.parquet").num_row_groups == 10
+    some = sorted(LABELS)[::4]
+    manifest = str(write_manifest(tmp_path / "m.json", some + ["nosuch", "../x"]))
+    for overrides, wanted in (({}, LABELS), ({"data.max_count": 2}, LABELS), ({"data.subset": manifest}, some),
+                              ({"data.subset": "balanced", "data.per_class": 2}, None)):
+        cfg = config(tmp_path, **{**base, **overrides})
+        streamed = select(cfg)
+        assert streamed == select(cfg, read_catalog(cfg.catalog))
+        if wanted is not None:
+            assert streamed == sorted((i, LABELS[i]) for i in wanted if LABELS[i] <= cfg.max_count)
+        else:
+            assert sorted(Counter(c for _, c in streamed).values()) == [2] * 6
 
 
 def test_an_empty_query_is_one_line(catalogued):

@@ -60,12 +60,18 @@ def _config(args: argparse.Namespace, flags: list[Knob] = ()):
 
 
 def cmd_catalog(args):
+    from bincounter.data.source import lean_memory
+
+    lean_memory()  # before pyarrow's import
     from bincounter.data.catalog import build_catalog
 
     build_catalog(_config(args).data)
 
 
 def cmd_fetch(args):
+    from bincounter.data.source import lean_memory
+
+    lean_memory()  # before pyarrow's import
     from bincounter.data.fetch import fetch
 
     fetch(_config(args).data)

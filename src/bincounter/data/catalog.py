@@ -7,6 +7,7 @@ is written every CHECKPOINT newly read bins, atomically, so a run killed midway 
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import random
 import time
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from bincounter import config, files
 from bincounter.config import DataConfig
 from bincounter.data.source import (IMAGES, MAX_WARNINGS, METADATA, FailureStreak, Missing, Source, Unreachable,
-                                    listable, open_source, read_manifest)
+                                    listable, open_source, read_manifest, release_free_memory)
 from bincounter.errors import BincounterError, first_line
 from bincounter.images import count_from_metadata, parse_metadata
 
@@ -42,7 +43,7 @@ STATUS = SCHEMA.names.index("status")
 QUERY_COLUMNS = ["image_id", "count", "status"]  # all a query reads: a sixth of the catalog's bytes a bin
 LISTING = ("balanced", "all")  # subsets drawn from the source's listing rather than from a manifest
 CHECKPOINT = 5000  # newly read bins between two writes of the catalog
-ROW_GROUP = 65_536  # catalog rows per Parquet row group: what one write copies at a time
+ROW_GROUP = 8192  # catalog rows per Parquet row group: what a read or a write decodes at a time
 INT32_MAX = 2**31 - 1
 
 
@@ -51,21 +52,19 @@ def build_catalog(cfg: DataConfig) -> dict:
     (after saving what was read) when some bins could not be read: a rerun retries just those."""
     start = time.perf_counter()
     source = open_source(cfg.source, cfg.workers)
-    previous = _previous(cfg.catalog)  # first: a damaged or foreign file is refused before any request
     for leftover in Path(cfg.catalog).parent.glob(f".{Path(cfg.catalog).name}.*{files.PART_SUFFIX}"):
         leftover.unlink(missing_ok=True)  # a killed run's temp file (only ours: other stages may be writing)
-    todo, kept = _plan(cfg, source, previous)
-    rows = _Rows(kept)
+    todo, keep = _plan(cfg, source)  # first: a damaged or foreign catalog is refused before any bin is read
+    catalog = _Catalog(cfg.catalog, keep)
     try:
-        failed = _read_all(cfg, source, todo, rows)
+        failed = _read_all(cfg, source, todo, catalog)
     finally:  # Ctrl-C, an unreachable source or an error: what was read is kept all the same
-        table = rows.table()
-        _write(cfg.catalog, table)
-    rejected = pc.sum(pc.equal(table["status"], "rejected")).as_py() or 0
-    summary = {"bins": table.num_rows, "read": table.num_rows - kept.num_rows, "kept": kept.num_rows,
-               "rejected": rejected, "failed": len(failed), "seconds": time.perf_counter() - start}
-    print(f"catalog: {summary['bins']} bins ({summary['read']} read, {summary['kept']} kept from the last run, "
-          f"{rejected} rejected) in {summary['seconds']:.1f} s")
+        catalog.write()
+    kept = int(keep.sum()) if keep is not None else 0
+    summary = {"bins": catalog.bins, "read": catalog.bins - kept, "kept": kept, "rejected": catalog.rejected,
+               "failed": len(failed), "seconds": time.perf_counter() - start}
+    print(f"catalog: {summary['bins']} bins ({summary['read']} read, {kept} kept from the last run, "
+          f"{catalog.rejected} rejected) in {summary['seconds']:.1f} s")
     if failed:
         image_id, reason = next(iter(failed.items()))
         raise BincounterError(f"{len(failed)} bins could not be read (e.g. {image_id}: {reason}); "
@@ -73,50 +72,87 @@ def build_catalog(cfg: DataConfig) -> dict:
     return summary
 
 
-def _previous(path: str) -> pa.Table:
-    return read_catalog(path) if Path(path).exists() else SCHEMA.empty_table()
+# ---------------------------------------------------------------- what to read
+# Memory: the plan holds the wanted ids (and, while it is made, their ETags) as Arrow arrays, a few tens of
+# bytes a bin, and a byte a bin for each of two masks. The stored catalog is walked, never held: its rows and
+# the new ones meet on disk (_Catalog), so the catalog's own size never sits in memory.
 
 
-def _plan(cfg: DataConfig, source: Source, previous: pa.Table) -> tuple[pa.Array, pa.Table]:
-    """(ids to read, in reading order; the rows of the last run that stay as they are). Arrow arrays, not
-    Python dicts and sets: a listing of the whole bucket costs tens of bytes a bin, not hundreds."""
-    old_ids = previous["image_id"]
+def _plan(cfg: DataConfig, source: Source) -> tuple[pa.Array, np.ndarray | None]:
+    """(ids to read, sorted; over the stored catalog's rows, which ones stay as they are, or None when there is
+    no stored catalog). A listed bin stays when its ETag is unchanged; a manifest lists no ETags, so there a
+    bin catalogued ok stays and a rejected one is retried."""
     if cfg.subset in LISTING:
         ids, etags = _listing(source)
-        order = list(range(len(ids)))  # sorted first: the seeded order must not depend on the listing's order
-        random.Random(cfg.seed).shuffle(order)  # a truncated catalog is a random sample, not the lowest ids
-        order = np.asarray(order[: cfg.max_candidates] if cfg.max_candidates else order, dtype=np.int64)
-        ids, etags = ids.take(order), etags.take(order)
-        where_before = pc.index_in(ids, value_set=old_ids)  # null: not catalogued before
-        same = pc.equal(etags, previous["etag"].combine_chunks().take(where_before)).fill_null(False)
-    else:  # a manifest lists no ETags: bins catalogued ok stay, rejected ones are retried
-        ids = pa.array(read_manifest(cfg.subset), pa.string())
-        same = pc.is_in(ids, value_set=old_ids.filter(pc.equal(previous["status"], "ok")))
-    kept = previous.filter(pc.is_in(old_ids, value_set=ids.filter(same)))
-    return ids.filter(pc.invert(same)), kept
+        if cfg.max_candidates and cfg.max_candidates < len(ids):
+            chosen = pa.array(_sample(len(ids), cfg.max_candidates, cfg.seed), pa.int64())
+            ids, etags = ids.take(chosen), etags.take(chosen)
+    else:
+        ids = pa.array(read_manifest(cfg.subset), pa.string()).unique()
+        ids, etags = ids.take(pc.sort_indices(ids)), None
+    same, keep = _unchanged(ids, etags, cfg.catalog)
+    return ids.filter(pa.array(~same)), keep
 
 
-def _listing(source: Source, page: int = 100_000) -> tuple[pa.Array, pa.Array]:
-    """(ids sorted, their ETags) of every listed metadata object, gathered a page of Python pairs at a time."""
+def _listing(source: Source, page: int = 10_000) -> tuple[pa.Array, pa.Array]:
+    """(ids sorted, their ETags) of every listed metadata object, gathered a page of Python pairs at a time;
+    each column is sorted on its own, so that at most one of them is ever held twice."""
     id_chunks, etag_chunks = [], []
     pairs = iter(source.list_metadata())
     while chunk := list(itertools.islice(pairs, page)):
         id_chunks.append(pa.array([i for i, _ in chunk], pa.string()))
         etag_chunks.append(pa.array([e for _, e in chunk], pa.string()))
-    ids = pa.chunked_array(id_chunks, pa.string()).combine_chunks()
-    etags = pa.chunked_array(etag_chunks, pa.string()).combine_chunks()
-    order = pc.sort_indices(ids)
-    return ids.take(order), etags.take(order)
+    del chunk
+    order = pc.sort_indices(pa.chunked_array(id_chunks, pa.string()))
+    return _taken(id_chunks, order), _taken(etag_chunks, order)
 
 
-def _each(ids: pa.Array, batch: int = 10_000) -> Iterator[str]:
-    """The ids as Python strings, a slice at a time (a list of every id would cost ~60 bytes a bin)."""
-    for start in range(0, len(ids), batch):
-        yield from ids.slice(start, batch).to_pylist()
+def _taken(chunks: list[pa.Array], order: pa.Array) -> pa.Array:
+    """The chunks' values in `order`, as one array; the chunks are emptied once joined (two copies at most)."""
+    values = pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
+    chunks.clear()
+    return values.take(order)
 
 
-def _read_all(cfg: DataConfig, source: Source, todo: pa.Array, rows: _Rows) -> dict[str, str]:
-    """Read todo into rows, writing a checkpoint every CHECKPOINT; -> {id: reason} of transient failures."""
+def _sample(population: int, size: int, seed: int) -> list[int]:
+    """A seeded sample of row numbers, sorted: a truncated catalog is a random sample, not the lowest ids."""
+    order = list(range(population))
+    random.Random(seed).shuffle(order)
+    return sorted(order[:size])
+
+
+def _unchanged(ids: pa.Array, etags: pa.Array | None, path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(over ids: whether the stored row stays; over the stored rows: the same), by one merge walk of the
+    sorted ids against the stored catalog, which is sorted by id too."""
+    same = np.zeros(len(ids), dtype=bool)
+    if not Path(path).exists():
+        return same, None
+    wanted = zip(itertools.count(), _each(ids), _each(etags) if etags is not None else itertools.repeat(None))
+    at, want, want_etag = next(wanted, (0, None, None))
+    keep, last = [], ""
+    for batch in stored_batches(path, ["image_id", "etag", "status"]):
+        kept = np.zeros(batch.num_rows, dtype=bool)
+        for row, (image_id, etag, status) in enumerate(zip(*(column.to_pylist() for column in batch.columns))):
+            if image_id < last:
+                raise BincounterError(f"catalog {path} is not sorted by image_id: {REBUILD}")
+            last = image_id
+            while want is not None and want < image_id:
+                at, want, want_etag = next(wanted, (0, None, None))
+            unchanged = (etag is not None and etag == want_etag) if etags is not None else status == "ok"
+            if want == image_id and unchanged:
+                same[at] = kept[row] = True
+        keep.append(kept)
+    return same, np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
+
+
+def _each(values: pa.Array, batch: int = 10_000) -> Iterator:
+    """The values as Python objects, a slice at a time (a list of every id would cost ~60 bytes a bin)."""
+    for start in range(0, len(values), batch):
+        yield from values.slice(start, batch).to_pylist()
+
+
+def _read_all(cfg: DataConfig, source: Source, todo: pa.Array, catalog: _Catalog) -> dict[str, str]:
+    """Read todo into catalog, writing it every CHECKPOINT new rows; -> {id: reason} of transient failures."""
     failed: dict[str, str] = {}
     streak, warnings = FailureStreak(source), 0
     workers = max(1, cfg.workers)
@@ -132,11 +168,11 @@ def _read_all(cfg: DataConfig, source: Source, todo: pa.Array, rows: _Rows) -> d
                     streak.failed(str(exc))
                     continue
                 streak.ok()
-                rows.add(row)
+                catalog.add(row)
                 if row[STATUS] == "rejected" and (warnings := warnings + 1) <= MAX_WARNINGS:
                     bar.write(f"rejected: {row[0] if listable(row[0]) else repr(row[0])[:60]}: {row[-1]}")
-                if len(rows.pending) >= CHECKPOINT:
-                    _write(cfg.catalog, rows.table())
+                if len(catalog.pending) >= CHECKPOINT:
+                    catalog.write()
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)  # reads in flight finish, queued ones never start
             raise
@@ -198,59 +234,120 @@ def _distinct(meta: dict, count: int) -> int | None:
     return min(len(items), INT32_MAX)
 
 
-class _Rows:
-    """The catalog being built: Arrow tables (compact) plus newly read rows as tuples until the next write."""
+# ---------------------------------------------------------------- the file
 
-    def __init__(self, kept: pa.Table):
-        self.tables, self.pending = [kept], []
+
+class _Catalog:
+    """The catalog file, and the rows read since it was last written. A write merges the two, sorted by id,
+    into a new file a row group at a time, atomic and fsync'd: a kill or a power cut leaves the previous
+    catalog or this one, never half a Parquet file. The first write also drops the stored rows that do not
+    stay (`keep`); from then on every stored row does."""
+
+    def __init__(self, path: str, keep: np.ndarray | None):
+        self.path, self.keep, self.pending = path, keep, []
+        self.bins = self.rejected = 0
 
     def add(self, row: tuple) -> None:
         self.pending.append(row)
 
-    def table(self) -> pa.Table:
-        if self.pending:
-            columns = zip(*self.pending)
-            self.tables.append(pa.Table.from_arrays(
-                [pa.array(column, f.type) for column, f in zip(columns, SCHEMA)], schema=SCHEMA))
-            self.pending = []
-        self.tables = [pa.concat_tables(self.tables)]  # chunks are kept: combining would copy the catalog
-        return self.tables[0]
+    def write(self) -> None:
+        self.pending.sort(key=lambda row: row[0])  # Python's str order is UTF-8 byte order, Arrow's order
+        new = pa.Table.from_pylist([dict(zip(SCHEMA.names, row)) for row in self.pending], schema=SCHEMA)
+        ids = new["image_id"].to_pylist()
+        self.pending, taken = [], 0
+        with files.atomic_path(self.path, fsync=True) as tmp, \
+                pq.ParquetWriter(tmp, SCHEMA, use_dictionary=["status", "reason"]) as writer:
+            groups = _RowGroups(writer)
+            for stored in self._stored():
+                until = bisect.bisect_right(ids, stored["image_id"][-1].as_py(), lo=taken)
+                groups.add(pa.concat_tables([stored, new.slice(taken, until - taken)]))
+                taken = until
+            groups.add(new.slice(taken))
+            groups.close()
+        self.keep, self.bins, self.rejected = None, groups.rows, groups.rejected
+        release_free_memory()
+
+    def _stored(self) -> Iterator[pa.Table]:
+        """The stored rows that stay, a row group at a time (none when there is no file yet)."""
+        if not Path(self.path).exists():
+            return
+        done = 0
+        for batch in stored_batches(self.path):
+            if self.keep is not None:
+                batch, done = batch.filter(pa.array(self.keep[done:done + batch.num_rows])), done + batch.num_rows
+            if batch.num_rows:
+                yield batch
 
 
-def _write(path: str, table: pa.Table) -> None:
-    """Sorted by id (the same bins give the same file, whatever order they were read in); atomic and fsync'd,
-    so a kill or a power cut leaves the previous catalog or this one, never half a Parquet file.
+class _RowGroups:
+    """Sorted tables written in row groups of exactly ROW_GROUP rows (the last one shorter), so that the same
+    rows give the same file, however many checkpoints made it."""
 
-    Written a row group at a time through the sort's indices: a sorted copy of the whole table, as
-    `sort_by` makes, cost ~155 B a bin at every checkpoint, and this costs ~45 B (the indices and the
-    sort's own scratch). Only the two low-cardinality columns are dictionary-encoded: a dictionary of
-    unique ids, keys or ETags is a hash table as large as the column, and saves nothing."""
-    order = pc.sort_indices(table["image_id"])
-    with files.atomic_path(path, fsync=True) as tmp, \
-            pq.ParquetWriter(tmp, SCHEMA, use_dictionary=["status", "reason"]) as writer:
-        for start in range(0, len(order), ROW_GROUP):
-            writer.write_table(table.take(order.slice(start, ROW_GROUP)))
+    def __init__(self, writer: pq.ParquetWriter):
+        self.writer, self.buffer, self.rows, self.rejected = writer, SCHEMA.empty_table(), 0, 0
+
+    def add(self, table: pa.Table) -> None:
+        table = table.take(pc.sort_indices(table["image_id"]))
+        self.rows += table.num_rows
+        self.rejected += pc.sum(pc.equal(table["status"], "rejected")).as_py() or 0
+        self.buffer = pa.concat_tables([self.buffer, table])
+        while self.buffer.num_rows >= ROW_GROUP:
+            self.writer.write_table(self.buffer.slice(0, ROW_GROUP), row_group_size=ROW_GROUP)
+            self.buffer = self.buffer.slice(ROW_GROUP)
+
+    def close(self) -> None:
+        if self.buffer.num_rows:
+            self.writer.write_table(self.buffer, row_group_size=ROW_GROUP)
+
+
+REBUILD = "delete it and run `dvc repro catalog` to rebuild it"
+
+
+def _open(path: str) -> pq.ParquetFile:
+    """The catalog at path, its columns checked; a one-line BincounterError when it is missing, damaged or not a
+    catalog."""
+    if not Path(path).exists():
+        raise BincounterError(f"catalog {path} not found: run `dvc repro catalog` first")
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise BincounterError(f"catalog {path} is damaged or not Parquet ({first_line(exc)}): {REBUILD}") from None
+    if [(f.name, f.type) for f in parquet.schema_arrow] != [(f.name, f.type) for f in SCHEMA]:
+        found = ", ".join(f"{f.name}:{f.type}" for f in parquet.schema_arrow)[:200]
+        raise BincounterError(f"{path} is not a bincounter catalog (columns {found}): {REBUILD}")
+    return parquet
+
+
+def _checked(table: pa.Table, path: str) -> pa.Table:
+    """table (rows of the catalog at path), refused in one line if some row has no id or an unknown status."""
+    table = table.replace_schema_metadata(None)
+    unknown = pc.invert(pc.is_in(table["status"], value_set=pa.array(["ok", "rejected"])).fill_null(False))
+    if table["image_id"].null_count or pc.any(unknown).as_py():
+        raise BincounterError(f"catalog {path} has rows without an id or with an unknown status: {REBUILD}")
+    return table
+
+
+def stored_batches(path: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The catalog at path (only `columns` of it, when given; image_id and status always), a row group's worth
+    at a time and checked as read_catalog checks it."""
+    parquet = _open(path)
+    columns = None if columns is None else list(dict.fromkeys(["image_id", *columns, "status"]))
+    try:
+        for batch in parquet.iter_batches(batch_size=ROW_GROUP, columns=columns):
+            yield _checked(pa.Table.from_batches([batch]), path)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise BincounterError(f"catalog {path} is damaged or not Parquet ({first_line(exc)}): {REBUILD}") from None
 
 
 def read_catalog(path: str, columns: list[str] | None = None) -> pa.Table:
     """The catalog at path (only `columns` of it, when given); a one-line BincounterError when it is missing,
     damaged or not a catalog."""
-    if not Path(path).exists():
-        raise BincounterError(f"catalog {path} not found: run `dvc repro catalog` first")
-    rebuild = "delete it and run `dvc repro catalog` to rebuild it"
+    parquet = _open(path)
     try:
-        parquet = pq.ParquetFile(path)
-        if [(f.name, f.type) for f in parquet.schema_arrow] != [(f.name, f.type) for f in SCHEMA]:
-            found = ", ".join(f"{f.name}:{f.type}" for f in parquet.schema_arrow)[:200]
-            raise BincounterError(f"{path} is not a bincounter catalog (columns {found}): {rebuild}")
         table = parquet.read(columns=columns)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise BincounterError(f"catalog {path} is damaged or not Parquet ({first_line(exc)}): {rebuild}") from None
-    table = table.replace_schema_metadata(None)
-    unknown = pc.invert(pc.is_in(table["status"], value_set=pa.array(["ok", "rejected"])).fill_null(False))
-    if table["image_id"].null_count or pc.any(unknown).as_py():
-        raise BincounterError(f"catalog {path} has rows without an id or with an unknown status: {rebuild}")
-    return table
+        raise BincounterError(f"catalog {path} is damaged or not Parquet ({first_line(exc)}): {REBUILD}") from None
+    return _checked(table, path)
 
 
 def select(cfg: DataConfig, table: pa.Table | None = None) -> list[tuple[str, int]]:
@@ -260,10 +357,15 @@ def select(cfg: DataConfig, table: pa.Table | None = None) -> list[tuple[str, in
 
 
 def selection(cfg: DataConfig, table: pa.Table | None = None) -> pa.Table:
-    """The catalog rows of the configured subset, sorted by id: a query on the catalog (read from
-    cfg.catalog unless given). Raises BincounterError when nothing matches."""
-    table = read_catalog(cfg.catalog, QUERY_COLUMNS) if table is None else table
-    table = table.filter(_query(cfg, table)).sort_by("image_id")  # one fixed order for the seeded steps
+    """The catalog rows of the configured subset, sorted by id: a query on the catalog (streamed from
+    cfg.catalog a row group at a time unless given). Raises BincounterError when nothing matches."""
+    wanted = _manifest_ids(cfg)
+    if table is None:
+        found = [batch.filter(_query(cfg, batch, wanted)) for batch in stored_batches(cfg.catalog, QUERY_COLUMNS)]
+        table = pa.concat_tables(found) if found else pa.schema([SCHEMA.field(n) for n in QUERY_COLUMNS]).empty_table()
+    else:
+        table = table.filter(_query(cfg, table, wanted))
+    table = table.sort_by("image_id")  # one fixed order for the seeded steps
     if cfg.subset == "balanced":
         table = table.take(_balanced(cfg, table["count"].to_numpy()))
     if 0 < cfg.max_bins < table.num_rows:
@@ -274,8 +376,15 @@ def selection(cfg: DataConfig, table: pa.Table | None = None) -> pa.Table:
     return table
 
 
-def _query(cfg: DataConfig, table: pa.Table) -> pa.ChunkedArray:
-    """The boolean mask of the rows the config asks for (nulls count as no)."""
+def _manifest_ids(cfg: DataConfig) -> pa.Array | None:
+    """The manifest's ids as a value set (unsafe ones are rejected rows anyway); None for a listing subset."""
+    if cfg.subset in LISTING:
+        return None
+    return pa.array([i for i in read_manifest(cfg.subset) if listable(i)], pa.string())
+
+
+def _query(cfg: DataConfig, table: pa.Table, wanted: pa.Array | None) -> pa.ChunkedArray:
+    """The boolean mask of the rows the config asks for (nulls count as no); `wanted`: the manifest's ids."""
     ids, count = table["image_id"], table["count"]
     mask = pc.and_(pc.equal(table["status"], "ok"),
                    pc.and_(pc.greater_equal(count, cfg.min_count), pc.less_equal(count, cfg.max_count)))
@@ -285,9 +394,8 @@ def _query(cfg: DataConfig, table: pa.Table) -> pa.ChunkedArray:
         values = pc.cast(pc.if_else(numeric, ids, "0"), pa.int64())
         low, high = (min(b, 2**63 - 1) for b in bounds)
         mask = pc.and_(mask, pc.and_(numeric, pc.and_(pc.greater_equal(values, low), pc.less_equal(values, high))))
-    if cfg.subset not in LISTING:
-        wanted = [i for i in read_manifest(cfg.subset) if listable(i)]  # unsafe ones are rejected rows anyway
-        mask = pc.and_(mask, pc.is_in(ids, value_set=pa.array(wanted, pa.string())))
+    if wanted is not None:
+        mask = pc.and_(mask, pc.is_in(ids, value_set=wanted))
     return mask.fill_null(False)
 
 

@@ -237,6 +237,7 @@ def fetch(cfg: DataConfig) -> FetchReport:
     files.remove_partials(shard_dir)  # what a killed fetch left, under names nothing reads
     chosen = selection(cfg)
     ids, counts = chosen["image_id"].combine_chunks(), chosen["count"].combine_chunks()
+    del chosen  # the plan keeps these two columns only
     planned = plan_shards(ids, counts, cfg.shard_size)
     shards.remove_stale(shard_dir, set(planned))
     todo = {name: span for name, span in planned.items() if not complete(shard_dir / name)}

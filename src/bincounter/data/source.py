@@ -45,6 +45,26 @@ def limit_malloc_arenas(arenas: int = DOWNLOAD_ARENAS) -> bool:
         return False
 
 
+def release_free_memory() -> None:
+    """Hand glibc's free heap pages back to the system (malloc_trim); nothing without glibc. A catalog write
+    frees tens of MB of Arrow and Parquet buffers of sizes that grow with the file, and without this the
+    catalog stage's RSS crept up with each write (benchmarks/scale.md)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def lean_memory() -> None:
+    """For the stages that stream a whole dataset's rows through Arrow (catalog, fetch): few glibc malloc
+    arenas (limit_malloc_arenas), and glibc's malloc for Arrow's buffers too. pyarrow's default allocator,
+    mimalloc, keeps freed pages per thread: the catalog stage peaked ~55 MB higher with it
+    (benchmarks/scale.md). Arrow reads ARROW_DEFAULT_MEMORY_POOL once, so this must run before pyarrow is
+    imported (the CLI calls it first); a value already in the environment wins."""
+    limit_malloc_arenas()
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+
+
 class Missing(Exception):
     """The object is not in the source."""
 
