@@ -12,7 +12,8 @@ pointing at photo n % P of the first P full-size photos of --sources (with its m
 For each size, in fresh subprocesses: `bincounter catalog`, then `bincounter fetch`, each with
 data.workers W (the local source reads files, no emulator: what is measured is bincounter's own process),
 then, when asked, `bincounter split` and `bincounter prepare` (its parent process: the resizing workers
-are children, one per core, and hold one raw shard each whatever the number of bins).
+are children, one per core, and hold one raw shard each whatever the number of bins). `recatalog` runs
+the catalog stage a second time, which reads the first run's catalog and keeps every row of it.
 Reported: each stage's VmHWM (its peak RSS, read from /proc at exit), its wall time and its RSS at each
 tenth of its run (psutil, sampled every 0.1 s), to tell growth that levels off from growth with every bin.
 """
@@ -33,6 +34,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 # runs one stage through the CLI, then prints the process's own peak RSS (VmHWM, kB) on stderr
+RUNS = {"recatalog": "catalog"}  # a bench stage that runs another CLI stage (again)
 STAGE = """
 import sys
 from bincounter.cli import main
@@ -86,8 +88,9 @@ def main() -> None:
     parser.add_argument("--bins", type=int, nargs="+", default=[2000, 20000, 50000])
     parser.add_argument("--photos", type=int, default=1000, help="distinct photos the bins cycle through")
     parser.add_argument("--workers", type=int, default=32, help="data.workers")
-    parser.add_argument("--stages", nargs="+", choices=("catalog", "fetch", "split", "prepare"),
-                        default=["catalog", "fetch"], help="each needs the ones before it, in this order")
+    parser.add_argument("--stages", nargs="+", choices=("catalog", "recatalog", "fetch", "split", "prepare"),
+                        default=["catalog", "fetch"], help="each needs the ones before it, in this order; "
+                        "recatalog: the catalog stage again, which keeps every row of the first")
     parser.add_argument("--subset", choices=("manifest", "all"), default="manifest",
                         help="a manifest of the bins' ids, or data.subset=all: the whole listing "
                              "(each size its own source)")
@@ -114,7 +117,7 @@ def main() -> None:
                         "data.workers": str(args.workers), "data.max_count": "1000",
                         "split.out_dir": str(work / "splits"), "split.eda_dir": str(work / "eda"),
                         "prepare.out_dir": str(work / "prepared")}
-            row = {"bins": bins, **{stage: run_stage(stage, settings) for stage in args.stages}}
+            row = {"bins": bins, **{stage: run_stage(RUNS.get(stage, stage), settings) for stage in args.stages}}
             results.append(row)
             print(f"{bins} bins: {row[args.stages[-1]]['summary']}", file=sys.stderr, flush=True)
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; `python benchmarks/bench_fetch_memory.py --bins "
