@@ -2,7 +2,9 @@
 that choosing a subset is a query on a local file (`select`) rather than thousands of requests.
 
 Resumable: a rerun keeps the rows whose object is unchanged (same ETag) and reads only the rest. Progress
-is written every CHECKPOINT newly read bins, atomically, so a run killed midway keeps what it read.
+is written every CHECKPOINT newly read bins, atomically, so a run killed midway keeps what it read. The
+catalog itself is never held in memory: each write merges the new rows with the stored file, both sorted by
+id, a row group at a time (_Catalog).
 """
 
 from __future__ import annotations
