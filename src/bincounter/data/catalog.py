@@ -257,12 +257,17 @@ class _Catalog:
         new = pa.Table.from_pylist([dict(zip(SCHEMA.names, row)) for row in self.pending], schema=SCHEMA)
         ids = new["image_id"].to_pylist()
         self.pending, taken = [], 0
+        # only the two low-cardinality columns are dictionary-encoded: a dictionary of unique ids, keys or
+        # ETags is a hash table as large as the column, and saves nothing
         with files.atomic_path(self.path, fsync=True) as tmp, \
                 pq.ParquetWriter(tmp, SCHEMA, use_dictionary=["status", "reason"]) as writer:
             groups = _RowGroups(writer)
             for stored in self._stored():
                 until = bisect.bisect_right(ids, stored["image_id"][-1].as_py(), lo=taken)
-                groups.add(pa.concat_tables([stored, new.slice(taken, until - taken)]))
+                if until > taken:  # new rows fall among this group's: sort them in
+                    stored = pa.concat_tables([stored, new.slice(taken, until - taken)])
+                    stored = stored.take(pc.sort_indices(stored["image_id"]))
+                groups.add(stored)
                 taken = until
             groups.add(new.slice(taken))
             groups.close()
@@ -282,14 +287,13 @@ class _Catalog:
 
 
 class _RowGroups:
-    """Sorted tables written in row groups of exactly ROW_GROUP rows (the last one shorter), so that the same
-    rows give the same file, however many checkpoints made it."""
+    """Tables, each sorted and following the last, written in row groups of exactly ROW_GROUP rows (the last
+    one shorter), so that the same rows give the same file, however many checkpoints made it."""
 
     def __init__(self, writer: pq.ParquetWriter):
         self.writer, self.buffer, self.rows, self.rejected = writer, SCHEMA.empty_table(), 0, 0
 
     def add(self, table: pa.Table) -> None:
-        table = table.take(pc.sort_indices(table["image_id"]))
         self.rows += table.num_rows
         self.rejected += pc.sum(pc.equal(table["status"], "rejected")).as_py() or 0
         self.buffer = pa.concat_tables([self.buffer, table])
