@@ -1,7 +1,8 @@
 """Does a stage's memory grow with the number of bins? Peak RSS by bins, with the photos held constant.
 
     python benchmarks/bench_fetch_memory.py [--sources ../shared/abid-sample] [--bins 2000 20000 50000] \
-        [--photos 1000] [--workers 32] [--stages catalog fetch split prepare] [--subset manifest|all]
+        [--photos 1000] [--workers 32] [--stages catalog fetch split prepare] [--subset manifest|all] \
+        [--max-candidates N]
 
 bench_scale.py measures every stage against the S3 emulator, but its bins cycle through photos of unequal
 sizes, and fetch holds one shard of photos at a time, so its peak also follows the largest shard. Here the
@@ -94,6 +95,8 @@ def main() -> None:
     parser.add_argument("--subset", choices=("manifest", "all"), default="manifest",
                         help="a manifest of the bins' ids, or data.subset=all: the whole listing "
                              "(each size its own source)")
+    parser.add_argument("--max-candidates", type=int, default=0,
+                        help="data.max_candidates with --subset all: a seeded sample of the listing (0 = all)")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     from bench_fetch import cpu_model
@@ -112,7 +115,8 @@ def main() -> None:
             else:
                 subset = str(work / "manifest.json")
                 Path(subset).write_text(json.dumps([f"{n:06d}" for n in range(bins)]))
-            settings = {"data.source": str(source), "data.subset": subset, "data.max_candidates": "0",
+            settings = {"data.source": str(source), "data.subset": subset,
+                        "data.max_candidates": str(args.max_candidates),
                         "data.catalog": str(work / "catalog.parquet"), "data.raw_dir": str(work / "raw"),
                         "data.workers": str(args.workers), "data.max_count": "1000",
                         "split.out_dir": str(work / "splits"), "split.eda_dir": str(work / "eda"),
@@ -122,7 +126,7 @@ def main() -> None:
             print(f"{bins} bins: {row[args.stages[-1]]['summary']}", file=sys.stderr, flush=True)
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; `python benchmarks/bench_fetch_memory.py --bins "
           f"{' '.join(map(str, args.bins))} --photos {args.photos} --workers {args.workers} --stages "
-          f"{' '.join(args.stages)} --subset {args.subset}`\n")
+          f"{' '.join(args.stages)} --subset {args.subset} --max-candidates {args.max_candidates}`\n")
     columns = (f"{s} peak RSS MB | {s} s | {s} RSS MB at each tenth of its run" for s in args.stages)
     print("| bins | " + " | ".join(columns) + " |")
     print("|---|" + "---|---|---|" * len(args.stages))

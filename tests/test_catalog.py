@@ -163,6 +163,8 @@ def test_a_catalog_larger_than_a_row_group_is_written_sorted_a_group_at_a_time(t
     assert table["image_id"].to_pylist() == sorted(LABELS)  # read in a shuffled order, stored sorted
     assert dict(zip(table["image_id"].to_pylist(), table["count"].to_pylist())) == LABELS
     assert build_catalog(cfg)["kept"] == len(LABELS)  # and read back whole by the rerun
+    monkeypatch.setattr(catalog, "ROW_GROUP", 3)  # a file written with larger groups is read in slices of 3
+    assert [len(batch) for batch in catalog.stored_batches(cfg.catalog)] == [3, 3, 1] * 6 + [3, 3]
 
 
 def test_a_killed_run_keeps_what_it_read_and_the_rerun_reads_the_rest(tmp_path):
@@ -223,6 +225,29 @@ def test_the_same_rows_give_the_same_file_whatever_checkpoints_and_reruns_made_i
     rerun = build_catalog(stepwise)  # 16 read again in 4 checkpoints, 20 dropped, 32 kept
     assert (rerun["read"], rerun["kept"], rerun["bins"]) == (len(changed), len(LABELS) - len(changed), len(LABELS))
     assert Path(stepwise.catalog).read_bytes() == Path(one_pass.catalog).read_bytes()
+
+
+def test_a_listing_longer_than_a_run_is_sorted_on_disk_into_the_same_catalog_and_sample(tmp_path, monkeypatch):
+    import tempfile
+
+    from bincounter.data import listing
+
+    spills = tmp_path / "spills"
+    spills.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spills))
+    built = {}
+    for run_rows in (1000, 5):  # one run in memory; ten runs of 5 (the fixture folder lists in no order) merged
+        monkeypatch.setattr(listing, "RUN_ROWS", run_rows)
+        for name, candidates in (("all", 0), ("sample", 20)):
+            cfg = config(tmp_path / f"{name}-{run_rows}", **{"data.subset": "all", "data.max_candidates": candidates,
+                                                             "data.seed": 3})
+            build_catalog(cfg)
+            built[name, run_rows] = Path(cfg.catalog).read_bytes()
+            assert build_catalog(cfg)["kept"] == (candidates or len(LABELS))  # the rerun walks the same order
+    assert built["all", 5] == built["all", 1000]
+    assert built["sample", 5] == built["sample", 1000]
+    assert len(read_catalog(str(tmp_path / "sample-5" / "catalog.parquet"))) == 20
+    assert not list(spills.iterdir())  # the spilled runs are gone
 
 
 def test_a_catalog_not_sorted_by_id_is_refused_in_one_line(tmp_path):

@@ -1,6 +1,7 @@
 """The data wing: one module per DVC stage, each with a function of the stage's name (catalog.build_catalog,
 fetch.fetch, split.split with eda.write_report, prepare.prepare, sync.sync), and shards.py, the tar shards
-fetch and prepare write. Imports no other wing."""
+fetch and prepare write; source.py reads the bucket or a local folder, and listing.py sorts its listing on disk
+for the catalog. Imports no other wing."""
 
 from bincounter._lazy import lazy_names
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from bincounter import config, files
 from bincounter.config import DataConfig
+from bincounter.data.listing import sorted_listing
 from bincounter.data.source import (IMAGES, MAX_WARNINGS, METADATA, FailureStreak, Missing, Source, Unreachable,
                                     listable, open_source, read_manifest, release_free_memory)
 from bincounter.errors import BincounterError, first_line
@@ -75,63 +76,61 @@ def build_catalog(cfg: DataConfig) -> dict:
 
 
 # ---------------------------------------------------------------- what to read
-# Memory: the plan holds the wanted ids (and, while it is made, their ETags) as Arrow arrays, a few tens of
-# bytes a bin, and a byte a bin for each of two masks. The stored catalog is walked, never held: its rows and
-# the new ones meet on disk (_Catalog), so the catalog's own size never sits in memory.
+# Memory: neither the listing nor the stored catalog is ever held. The listing is sorted on disk
+# (listing.sorted_listing) and walked against the stored catalog, a row group at a time (_not_kept); what stays in
+# memory is the ids still to read (~10 bytes a bin as Arrow strings) and a byte a stored row for `keep`. A
+# manifest is read whole: the stage holds its ids (~0.1 kB each) as read_manifest returns them.
 
 
-def _plan(cfg: DataConfig, source: Source) -> tuple[pa.Array, np.ndarray | None]:
+def _plan(cfg: DataConfig, source: Source) -> tuple[pa.ChunkedArray, np.ndarray | None]:
     """(ids to read, sorted; over the stored catalog's rows, which ones stay as they are, or None when there is
     no stored catalog). A listed bin stays when its ETag is unchanged; a manifest lists no ETags, so there a
     bin catalogued ok stays and a rejected one is retried."""
-    if cfg.subset in LISTING:
-        ids, etags = _listing(source)
-        if cfg.max_candidates and cfg.max_candidates < len(ids):
-            chosen = pa.array(_sample(len(ids), cfg.max_candidates, cfg.seed), pa.int64())
-            ids, etags = ids.take(chosen), etags.take(chosen)
-    else:
-        ids = pa.array(read_manifest(cfg.subset), pa.string()).unique()
-        ids, etags = ids.take(pc.sort_indices(ids)), None
-    same, keep = _unchanged(ids, etags, cfg.catalog)
-    return ids.filter(pa.array(~same)), keep
+    if cfg.subset not in LISTING:
+        return _walk(((image_id, None) for image_id in sorted(read_manifest(cfg.subset))), cfg.catalog, False)
+    with sorted_listing(source) as (listed, pairs):
+        if cfg.max_candidates and cfg.max_candidates < listed:
+            pairs = _picked(pairs, _sample(listed, cfg.max_candidates, cfg.seed))
+        return _walk(pairs, cfg.catalog, True)
 
 
-def _listing(source: Source, page: int = 10_000) -> tuple[pa.Array, pa.Array]:
-    """(ids sorted, their ETags) of every listed metadata object, gathered a page of Python pairs at a time;
-    each column is sorted on its own, so that at most one of them is ever held twice."""
-    id_chunks, etag_chunks = [], []
-    pairs = iter(source.list_metadata())
-    while chunk := list(itertools.islice(pairs, page)):
-        id_chunks.append(pa.array([i for i, _ in chunk], pa.string()))
-        etag_chunks.append(pa.array([e for _, e in chunk], pa.string()))
-    del chunk
-    order = pc.sort_indices(pa.chunked_array(id_chunks, pa.string()))
-    return _taken(id_chunks, order), _taken(etag_chunks, order)
-
-
-def _taken(chunks: list[pa.Array], order: pa.Array) -> pa.Array:
-    """The chunks' values in `order`, as one array; the chunks are emptied once joined (two copies at most)."""
-    values = pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
-    chunks.clear()
-    return values.take(order)
-
-
-def _sample(population: int, size: int, seed: int) -> list[int]:
-    """A seeded sample of row numbers, sorted: a truncated catalog is a random sample, not the lowest ids."""
-    order = list(range(population))
+def _sample(population: int, size: int, seed: int) -> np.ndarray:
+    """A seeded sample of row numbers, sorted: a truncated catalog is a random sample, not the lowest ids.
+    random.shuffle on a NumPy array is the same permutation as on a list, at 8 bytes a row, not ~36."""
+    order = np.arange(population)
     random.Random(seed).shuffle(order)
-    return sorted(order[:size])
+    return np.sort(order[:size])
 
 
-def _unchanged(ids: pa.Array, etags: pa.Array | None, path: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(over ids: whether the stored row stays; over the stored rows: the same), by one merge walk of the
-    sorted ids against the stored catalog, which is sorted by id too."""
-    same = np.zeros(len(ids), dtype=bool)
+def _picked(items: Iterator, positions: np.ndarray) -> Iterator:
+    """The items at the given positions (sorted, distinct)."""
+    wanted = iter(positions.tolist())
+    position = next(wanted, None)
+    for at, item in enumerate(items):
+        if position is None:
+            return
+        if at == position:
+            yield item
+            position = next(wanted, None)
+
+
+def _walk(wanted: Iterator[tuple[str, str | None]], path: str,
+          by_etag: bool) -> tuple[pa.ChunkedArray, np.ndarray | None]:
+    """(the wanted ids to read, over the stored rows whether each stays), from the wanted (id, ETag) pairs,
+    sorted by id; a stored row stays when it is wanted and unchanged (same ETag when by_etag, else ok)."""
     if not Path(path).exists():
-        return same, None
-    wanted = zip(itertools.count(), _each(ids), _each(etags) if etags is not None else itertools.repeat(None))
-    at, want, want_etag = next(wanted, (0, None, None))
-    keep, last = [], ""
+        return _array(image_id for image_id, _ in wanted), None
+    keep: list[np.ndarray] = []
+    todo = _array(_not_kept(wanted, path, by_etag, keep))
+    return todo, np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
+
+
+def _not_kept(wanted: Iterator[tuple[str, str | None]], path: str, by_etag: bool,
+              keep: list[np.ndarray]) -> Iterator[str]:
+    """The wanted ids without a stored row that stays, by one merge walk against the stored catalog (sorted by
+    id too); appends to `keep`, a row group at a time, which stored rows stay."""
+    want, want_etag = next(wanted, (None, None))
+    last = ""
     for batch in stored_batches(path, ["image_id", "etag", "status"]):
         kept = np.zeros(batch.num_rows, dtype=bool)
         for row, (image_id, etag, status) in enumerate(zip(*(column.to_pylist() for column in batch.columns))):
@@ -139,15 +138,28 @@ def _unchanged(ids: pa.Array, etags: pa.Array | None, path: str) -> tuple[np.nda
                 raise BincounterError(f"catalog {path} is not sorted by image_id: {REBUILD}")
             last = image_id
             while want is not None and want < image_id:
-                at, want, want_etag = next(wanted, (0, None, None))
-            unchanged = (etag is not None and etag == want_etag) if etags is not None else status == "ok"
-            if want == image_id and unchanged:
-                same[at] = kept[row] = True
+                yield want
+                want, want_etag = next(wanted, (None, None))
+            if want == image_id:
+                kept[row] = (etag is not None and etag == want_etag) if by_etag else status == "ok"
+                if not kept[row]:
+                    yield want
+                want, want_etag = next(wanted, (None, None))
         keep.append(kept)
-    return same, np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
+    if want is not None:
+        yield want
+        yield from (image_id for image_id, _ in wanted)
 
 
-def _each(values: pa.Array, batch: int = 10_000) -> Iterator:
+def _array(ids: Iterable[str], chunk: int = 10_000) -> pa.ChunkedArray:
+    """ids as Arrow strings (~10 bytes an id), built a slice at a time: a list of them all would cost ~60."""
+    ids, chunks = iter(ids), []
+    while part := list(itertools.islice(ids, chunk)):
+        chunks.append(pa.array(part, pa.string()))
+    return pa.chunked_array(chunks, pa.string())
+
+
+def _each(values: pa.Array | pa.ChunkedArray, batch: int = 10_000) -> Iterator:
     """The values as Python objects, a slice at a time (a list of every id would cost ~60 bytes a bin)."""
     for start in range(0, len(values), batch):
         yield from values.slice(start, batch).to_pylist()
@@ -339,8 +351,12 @@ def stored_batches(path: str, columns: list[str] | None = None) -> Iterator[pa.T
     parquet = _open(path)
     columns = None if columns is None else list(dict.fromkeys(["image_id", *columns, "status"]))
     try:
-        for batch in parquet.iter_batches(batch_size=ROW_GROUP, columns=columns):
-            yield _checked(pa.Table.from_batches([batch]), path)
+        # a row group at a time, not iter_batches: that sets up every group's reader at its first batch, ~0.3 MB
+        # a group (benchmarks/scale.md); a file written with larger groups is handed out in slices
+        for group in range(parquet.num_row_groups):
+            table = parquet.read_row_group(group, columns=columns)
+            for start in range(0, table.num_rows, ROW_GROUP):
+                yield _checked(table.slice(start, ROW_GROUP), path)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise BincounterError(f"catalog {path} is damaged or not Parquet ({first_line(exc)}): {REBUILD}") from None
 
