@@ -440,8 +440,13 @@ def test_ctrl_c_stops_job_and_kills_run(sm, sm_proxy, capsys):
 
     sm_proxy.on_describe = interrupt_while_waiting
     config = sm.make()
-    with pytest.raises(KeyboardInterrupt):
-        jobs.launch_training(config)
+    # Python's Ctrl-C handler, even where pytest was started with SIGINT ignored (a shell's background job)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            jobs.launch_training(config)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     stops = [body for target, body in sm_proxy.requests if target.endswith(".StopTrainingJob")]
     client = MlflowClient(config.mlflow.tracking_uri)
     [run] = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
