@@ -10,6 +10,7 @@ id, a row group at a time (_Catalog).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import random
 import time
@@ -321,15 +322,22 @@ class _RowGroups:
 REBUILD = "delete it and run `dvc repro catalog` to rebuild it"
 
 
+@contextlib.contextmanager
+def _read_errors(path: str) -> Iterator[None]:
+    """Arrow's and the OS's errors while reading the catalog at path, as one line with the rebuild hint."""
+    try:
+        yield
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise BincounterError(f"catalog {path} is damaged or not Parquet ({first_line(exc)}): {REBUILD}") from None
+
+
 def _open(path: str) -> pq.ParquetFile:
     """The catalog at path, its columns checked; a one-line BincounterError when it is missing, damaged or not a
     catalog."""
     if not Path(path).exists():
         raise BincounterError(f"catalog {path} not found: run `dvc repro catalog` first")
-    try:
+    with _read_errors(path):
         parquet = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise BincounterError(f"catalog {path} is damaged or not Parquet ({first_line(exc)}): {REBUILD}") from None
     if [(f.name, f.type) for f in parquet.schema_arrow] != [(f.name, f.type) for f in SCHEMA]:
         found = ", ".join(f"{f.name}:{f.type}" for f in parquet.schema_arrow)[:200]
         raise BincounterError(f"{path} is not a bincounter catalog (columns {found}): {REBUILD}")
@@ -350,25 +358,21 @@ def stored_batches(path: str, columns: list[str] | None = None) -> Iterator[pa.T
     at a time and checked as read_catalog checks it."""
     parquet = _open(path)
     columns = None if columns is None else list(dict.fromkeys(["image_id", *columns, "status"]))
-    try:
+    with _read_errors(path):
         # a row group at a time, not iter_batches: that sets up every group's reader at its first batch, ~0.3 MB
         # a group (benchmarks/scale.md); a file written with larger groups is handed out in slices
         for group in range(parquet.num_row_groups):
             table = parquet.read_row_group(group, columns=columns)
             for start in range(0, table.num_rows, ROW_GROUP):
                 yield _checked(table.slice(start, ROW_GROUP), path)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise BincounterError(f"catalog {path} is damaged or not Parquet ({first_line(exc)}): {REBUILD}") from None
 
 
 def read_catalog(path: str, columns: list[str] | None = None) -> pa.Table:
     """The catalog at path (only `columns` of it, when given); a one-line BincounterError when it is missing,
     damaged or not a catalog."""
     parquet = _open(path)
-    try:
+    with _read_errors(path):
         table = parquet.read(columns=columns)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise BincounterError(f"catalog {path} is damaged or not Parquet ({first_line(exc)}): {REBUILD}") from None
     return _checked(table, path)
 
 
