@@ -115,7 +115,7 @@ def shard_loader(split_dir: Path, args, device: torch.device, on_device: bool):
     sampler = RandomSampler(dataset, replacement=True, num_samples=args.batch_size * (args.warmup + args.steps),
                             generator=torch.Generator().manual_seed(0))
     return DataLoader(dataset, args.batch_size, sampler=sampler, drop_last=True, collate_fn=dataset.collate,
-                      num_workers=auto_workers(args.num_workers),
+                      num_workers=auto_workers(args.num_workers, device),
                       pin_memory=device.type == "cuda" and not on_device)
 
 
@@ -218,7 +218,7 @@ def main() -> None:
     header = (f"\n<!-- {time.strftime('%Y-%m-%d %H:%M')} | {describe(device)} | device {device} | bf16 autocast | "
               f"batch {args.batch_size}, {args.image_size} px, {args.steps} timed steps after {args.warmup} | "
               f"`{command}` -->\n")
-    text = header + table(rows, args, device, auto_workers(args.num_workers)) + "\n" + note
+    text = header + table(rows, args, device, auto_workers(args.num_workers, device)) + "\n" + note
     print(text)
     if args.out:
         with open(args.out, "a") as handle:

@@ -505,9 +505,11 @@ def test_supported_architecture_trains_and_evaluates(arch):
 
 
 @pytest.mark.parametrize("strength", [0.5, 1.0])
-def test_augmentation_never_cuts_an_item_out_of_the_bin(strength):
+@pytest.mark.parametrize("where", ["photo", "batch"])
+def test_augmentation_never_cuts_an_item_out_of_the_bin(strength, where):
     """Four items in the photo's very corners: every augmented view still shows four (a random crop or a
-    rotation without zoom-out would cut some away and make the label wrong)."""
+    rotation without zoom-out would cut some away and make the label wrong), photo by photo in a loader
+    worker or as a batch (the GPU path)."""
     from scipy import ndimage
 
     from bincounter.training.dataset import train_transform
@@ -517,7 +519,63 @@ def test_augmentation_never_cuts_an_item_out_of_the_bin(strength):
         image[:, top : top + 16, left : left + 16] = 255
     transform = train_transform(128, strength)
     torch.manual_seed(0)
-    for _ in range(40):
-        view = transform(image)
+    if where == "batch":
+        views = transform.batch(image.expand(40, -1, -1, -1).contiguous())
+        assert views.dtype == torch.uint8 and views.shape == (40, 3, 128, 128)
+    else:
+        views = [transform(image) for _ in range(40)]
+    for view in views:
         _, items = ndimage.label(view[0].numpy() > 100)
         assert items == 4
+
+
+def test_batch_augmentation_draws_every_photos_own_flips_turn_and_colour():
+    """The GPU path augments a batch in one go, but each photo gets its own parameters: one item in the
+    top-left corner of 64 copies lands in every quadrant (the flips), and copies that land in the same
+    quadrant still differ (rotation, zoom, colour)."""
+    from bincounter.training.dataset import train_transform
+
+    image = torch.full((3, 256, 256), 40, dtype=torch.uint8)
+    image[:, 20:80, 20:80] = 230
+    torch.manual_seed(0)
+    views = train_transform(128, 0.5).batch(image.expand(64, -1, -1, -1).contiguous()).float()
+    bright = views[:, 0] > 150
+    rows, cols = torch.arange(128.0)[None, :, None], torch.arange(128.0)[None, None, :]
+    area = bright.sum(dim=(1, 2))
+    centre_row = (bright * rows).sum(dim=(1, 2)) / area
+    centre_col = (bright * cols).sum(dim=(1, 2)) / area
+    quadrant = (centre_row > 64).long() * 2 + (centre_col > 64).long()
+    per_quadrant = torch.bincount(quadrant, minlength=4)
+    assert per_quadrant.min() >= 6, per_quadrant  # a fair coin per flip: about 16 each
+    top_left = views[quadrant == 0]
+    assert len(torch.unique(top_left.flatten(1), dim=0)) == len(top_left)
+
+
+def test_loader_workers_take_the_cpu_a_gpu_leaves_free(monkeypatch):
+    """train.num_workers -1: training on a GPU, every core but one decodes (shared among this machine's
+    ranks); on the CPU at most 4, since the model's own threads need the cores."""
+    from bincounter.training.loop import auto_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert (auto_workers(-1, gpu), auto_workers(-1, cpu), auto_workers(-1)) == (15, 4, 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert auto_workers(-1, gpu) == 3
+    assert auto_workers(2, gpu) == 2  # a number asked for is kept
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert (auto_workers(-1, gpu), auto_workers(-1, cpu)) == (1, 1)
+
+
+def test_auto_decodes_on_the_gpu_only_where_the_workers_would_be_slower():
+    """train.jpeg_decoder auto: nvJPEG on the GPU kept pace with 6-10 loader workers (benchmarks/gpu.md), so a
+    GPU with few workers decodes itself and one with many leaves it to them; the CPU always uses workers."""
+    from bincounter.training.loop import GPU_DECODE_BELOW, decode_on_device
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert decode_on_device("auto", gpu, 3) and not decode_on_device("auto", gpu, 15)
+    assert decode_on_device("auto", gpu, GPU_DECODE_BELOW - 1) and not decode_on_device("auto", gpu, GPU_DECODE_BELOW)
+    assert not decode_on_device("auto", cpu, 1) and not decode_on_device("cpu", gpu, 1)
+    assert decode_on_device("gpu", gpu, 15)
+    with pytest.raises(BincounterError, match="jpeg_decoder=gpu needs a CUDA device"):
+        decode_on_device("gpu", cpu, 1)

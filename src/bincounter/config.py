@@ -114,10 +114,12 @@ class TrainConfig:
     image_size: int = knob(112, "model input size (px)", min=16, max=2048)
     seed: int = knob(42, "random seed")
     patience: int = knob(4, "early stopping: epochs without a better validation macro_accuracy", min=1)
-    num_workers: int = knob(-1, "data loader workers; -1 = auto", min=-1, max=256)
+    num_workers: int = knob(-1, "data loader workers; -1 = auto (training on a GPU, every core but one; on "
+                            "the CPU, at most 4)", min=-1, max=256)
     device: str = knob("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"), remote=False)
     jpeg_decoder: str = knob("auto", "where training decodes the prepared JPEGs: auto (the GPU when training "
-                             "on one) | cpu (loader workers) | gpu (nvJPEG)", choices=("auto", "cpu", "gpu"))
+                             "on one with fewer than 8 loader workers) | cpu (loader workers) | gpu (nvJPEG)",
+                             choices=("auto", "cpu", "gpu"))
     precision: str = knob("auto", "auto | bf16 | fp32 (auto: bf16 where the chip computes it natively)",
                           choices=("auto", "bf16", "fp32"))
     decode: str = knob("argmax", "how a count is read from the probabilities: argmax (the most likely) | "

@@ -11,6 +11,7 @@ import random
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
@@ -36,17 +37,71 @@ def train_transform(image_size: int, strength: float):
     colour and lighting changes. strength 0 means the eval transform."""
     if strength <= 0:
         return eval_transform(image_size)
-    degrees = MAX_ROTATION * strength
-    theta = math.radians(degrees)
-    # a square turned by theta fits its own frame once shrunk by 1 / (cos + sin)
-    fits = 1.0 / (math.cos(theta) + math.sin(theta))
-    return v2.Compose([
-        v2.Resize((image_size, image_size), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),
-        v2.RandomAffine(degrees=degrees, scale=(fits * (1 - 0.1 * strength), fits)),
-        v2.ColorJitter(brightness=0.4 * strength, contrast=0.4 * strength, saturation=0.3 * strength),
-    ])
+    return CountPreservingAugment(image_size, strength)
+
+
+class CountPreservingAugment:
+    """train_transform's augmentation, for one photo (`__call__`, in a loader worker) or for a whole batch
+    on the GPU (`batch`: every photo its own flips, rotation, zoom and colour, in a few batched kernels;
+    transforms v2 would draw one set of parameters for the whole batch)."""
+
+    def __init__(self, image_size: int, strength: float):
+        self.image_size, self.strength = image_size, strength
+        self.degrees = MAX_ROTATION * strength
+        theta = math.radians(self.degrees)
+        # a square turned by theta fits its own frame once shrunk by 1 / (cos + sin)
+        fits = 1.0 / (math.cos(theta) + math.sin(theta))
+        self.scale = (fits * (1 - 0.1 * strength), fits)
+        self.jitter = (0.4 * strength, 0.4 * strength, 0.3 * strength)  # brightness, contrast, saturation
+        self.one_photo = v2.Compose([
+            v2.Resize((image_size, image_size), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.RandomAffine(degrees=self.degrees, scale=self.scale),
+            v2.ColorJitter(*self.jitter),
+        ])
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.one_photo(image)
+
+    def batch(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, S, S) on any device -> uint8 (N, 3, size, size), augmented photo by photo."""
+        n, device = images.shape[0], images.device
+        size = (self.image_size, self.image_size)
+        x = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+        x = F.grid_sample(x, self._sampling_grid(n, device), mode="bilinear", padding_mode="zeros",
+                          align_corners=False)
+        brightness, contrast, saturation = (self._uniform(n, device, 1 - j, 1 + j) for j in self.jitter)
+        x = (x * brightness[:, None, None, None]).clamp(0, 255)
+        mean = _grey(x).mean(dim=(1, 2, 3), keepdim=True)
+        x = _blend(x, mean, contrast[:, None, None, None])
+        x = _blend(x, _grey(x), saturation[:, None, None, None])
+        return x.round().to(torch.uint8)
+
+    def _sampling_grid(self, n: int, device: torch.device) -> torch.Tensor:
+        """Where each output pixel samples its photo: flips, a rotation and a zoom-out of 1/scale (>= cos +
+        sin, so the turned photo's corners stay inside the frame), one matrix a photo."""
+        angle = torch.deg2rad(self._uniform(n, device, -self.degrees, self.degrees))
+        zoom = 1.0 / self._uniform(n, device, *self.scale)
+        flip_x, flip_y = (torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0) for _ in range(2))
+        cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+        zero = torch.zeros_like(cos)
+        matrix = torch.stack([torch.stack([cos * flip_x, -sin * flip_y, zero], 1),
+                              torch.stack([sin * flip_x, cos * flip_y, zero], 1)], 1)
+        return F.affine_grid(matrix, [n, 3, self.image_size, self.image_size], align_corners=False)
+
+    @staticmethod
+    def _uniform(n: int, device: torch.device, low: float, high: float) -> torch.Tensor:
+        return torch.empty(n, device=device).uniform_(low, high)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma of float RGB (N, 3, H, W), as (N, 1, H, W): what ColorJitter blends towards."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _blend(x: torch.Tensor, towards: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (factor * x + (1 - factor) * towards).clamp(0, 255)
 
 
 class ShardDataset(Dataset):
@@ -103,7 +158,10 @@ class ShardDataset(Dataset):
         if not self.on_device:
             return images.to(device, non_blocking=True)
         decoded = decode_jpeg(list(images), mode=ImageReadMode.RGB, device=device)
-        return torch.stack([self.transform(image) for image in decoded])
+        if len({image.shape for image in decoded}) > 1:  # prepare stores one square size; anything else
+            return torch.stack([self.transform(image) for image in decoded])  # goes photo by photo
+        batch = getattr(self.transform, "batch", self.transform)  # v2.Resize takes a batch as it is
+        return batch(torch.stack(decoded))
 
     def collate(self, batch):
         """Stacks decoded photos; keeps JPEG bytes (of different lengths) as a list for batch_to."""

@@ -101,10 +101,19 @@ def distributed() -> tuple[int, int]:
     return rank, world
 
 
-def auto_workers(requested: int) -> int:
+GPU_DECODE_BELOW = 8  # loader workers: with fewer, train.jpeg_decoder auto decodes on the GPU
+
+
+def auto_workers(requested: int, device: torch.device | None = None) -> int:
+    """train.num_workers, -1 resolved. Training on a GPU leaves the CPU to the loader: every core but one,
+    shared among this machine's ranks (4 workers fed a H100 a third of what resnet50 takes,
+    benchmarks/gpu.md). Training on the CPU, workers compete with the model's own threads: at most 4."""
     if requested >= 0:
         return requested
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if device is not None and device.type == "cuda":
+        return max(1, (cores - 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(0, min(4, cores - 1))
 
 
 # ------------------------------------------------------------------ data
@@ -112,13 +121,13 @@ def auto_workers(requested: int) -> int:
 
 def make_loaders(cfg: TrainConfig, data_dirs: dict[str, Path], world: int, rank: int, device: torch.device):
     """-> (train loader, val loader, the train loader's generator: its state makes a resume reproducible)."""
-    on_device = decode_on_device(cfg.jpeg_decoder, device)
+    workers = auto_workers(cfg.num_workers, device)
+    on_device = decode_on_device(cfg.jpeg_decoder, device, workers)
     train_ds = ShardDataset(data_dirs["train"], train_transform(cfg.image_size, cfg.augment), on_device)
     val_ds = ShardDataset(data_dirs["val"], eval_transform(cfg.image_size), on_device)
     if cfg.image_size > train_ds.stored_size:
         raise BincounterError(f"train.image_size={cfg.image_size} is larger than the prepared "
                               f"{train_ds.stored_size}px images; raise prepare.image_size and rerun `dvc repro`")
-    workers = auto_workers(cfg.num_workers)
     common = dict(num_workers=workers, pin_memory=torch.cuda.is_available() and not on_device,
                   persistent_workers=workers > 0)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -136,11 +145,15 @@ def make_loaders(cfg: TrainConfig, data_dirs: dict[str, Path], world: int, rank:
     return train_loader, val_loader, generator
 
 
-def decode_on_device(choice: str, device: torch.device) -> bool:
-    """train.jpeg_decoder: auto decodes on the GPU when training on one (nvJPEG), else in the loader workers."""
+def decode_on_device(choice: str, device: torch.device, workers: int) -> bool:
+    """train.jpeg_decoder: auto decodes on the GPU (nvJPEG) when training on one with fewer than
+    GPU_DECODE_BELOW loader workers, else in the workers: on a H100, nvJPEG and the batched augmentation
+    kept up with about 6 to 10 workers' decoding (benchmarks/gpu.md)."""
     if choice == "gpu" and device.type != "cuda":
         raise BincounterError("train.jpeg_decoder=gpu needs a CUDA device (train.device)")
-    return choice == "gpu" or (choice == "auto" and device.type == "cuda")
+    if choice == "auto":
+        return device.type == "cuda" and workers < GPU_DECODE_BELOW
+    return choice == "gpu"
 
 
 # ------------------------------------------------------------------ one epoch, one evaluation
