@@ -200,8 +200,9 @@ def main() -> None:
             paired += [f"- decode={how}: {versus_baseline(scored[False, how], base)}" for tta, how in scored if not tta]
             print("\n".join(paired), flush=True)
             lines += paired
-    header = (f"\n<!-- {time.strftime('%Y-%m-%d %H:%M')} | {machine()} | bins train/val/test {sizes['train']}/"
-              f"{sizes['val']}/{sizes['test']} | `{command}` -->\n")
+    trained_on = f" | trained on {torch.cuda.get_device_name(0)}" if config.train.device == "cuda" else ""
+    header = (f"\n<!-- {time.strftime('%Y-%m-%d %H:%M')} | {machine()}{trained_on} | torch {torch.__version__} | "
+              f"bins train/val/test {sizes['train']}/{sizes['val']}/{sizes['test']} | `{command}` -->\n")
     with open(args.out, "a") as handle:
         handle.write(header + "\n".join(lines) + "\n")
     print(header + "\n".join(lines))
