@@ -172,6 +172,7 @@ def main() -> None:
     import torch
 
     from bincounter import tracking
+    from bincounter.training.loop import select_device
 
     command = "python benchmarks/bench_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = []
@@ -200,7 +201,8 @@ def main() -> None:
             paired += [f"- decode={how}: {versus_baseline(scored[False, how], base)}" for tta, how in scored if not tta]
             print("\n".join(paired), flush=True)
             lines += paired
-    trained_on = f" | trained on {torch.cuda.get_device_name(0)}" if config.train.device == "cuda" else ""
+    device = select_device(config.train.device)  # what run_training chose: train.device auto picks a GPU too
+    trained_on = f" | trained on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     header = (f"\n<!-- {time.strftime('%Y-%m-%d %H:%M')} | {machine()}{trained_on} | torch {torch.__version__} | "
               f"bins train/val/test {sizes['train']}/{sizes['val']}/{sizes['test']} | `{command}` -->\n")
     with open(args.out, "a") as handle:

@@ -46,7 +46,7 @@ class CountPreservingAugment:
     transforms v2 would draw one set of parameters for the whole batch)."""
 
     def __init__(self, image_size: int, strength: float):
-        self.image_size, self.strength = image_size, strength
+        self.image_size = image_size
         self.degrees = MAX_ROTATION * strength
         theta = math.radians(self.degrees)
         # a square turned by theta fits its own frame once shrunk by 1 / (cos + sin)
