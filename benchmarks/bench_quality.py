@@ -87,7 +87,7 @@ def build(root: Path, args):
     return config
 
 
-def run_recipe(config, root: Path, score_only: bool = False) -> tuple[dict, float, int]:
+def run_recipe(config, root: Path, score_only: bool = False, score_device: str = "cpu") -> tuple[dict, float, int]:
     """Train the recipe (or, score_only, take the model root/model already holds); -> ({decode: test
     metrics}, seconds, best epoch). One trained model is scored with each decode rule (argmax, expected,
     thresholds fitted on validation, median), with and without flip TTA, the configured setting first."""
@@ -109,7 +109,7 @@ def run_recipe(config, root: Path, score_only: bool = False) -> tuple[dict, floa
     scored = {}
     for tta in (trained_tta, not trained_tta):
         settings = dict(model_config, tta=tta)
-        test = evaluate_split(model, root / "prepared" / "test", settings, torch.device("cpu"))
+        test = evaluate_split(model, root / "prepared" / "test", settings, torch.device(score_device))
         probs, targets = test["probabilities"], test["targets"]
         for how in dict.fromkeys((config.train.decode, *DECODES)):
             counts = decode_counts(probs, how, model_config.get("decode_cuts"))
@@ -166,6 +166,9 @@ def main() -> None:
     parser.add_argument("--score-only", action="store_true",
                         help="score the model a previous run left in --reuse DIR again, without training "
                              "(its seconds column is then the scoring time)")
+    parser.add_argument("--score-device", default="cpu",
+                        help="where the test split is scored (cpu: the numerics of the 2-core rows; cuda: faster "
+                             "for large inputs on a GPU machine)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "quality-results.md"))
     args = parser.parse_args()
 
@@ -186,7 +189,7 @@ def main() -> None:
         config = build(root, args)
         sizes = {n: len((root / "splits" / f"{n}.csv").read_text().splitlines()) - 1 for n in ("train", "val", "test")}
         name = args.name or f"{tracking.recipe_name(config)} ({args.strategy})"
-        scored, seconds, best = run_recipe(config, root, args.score_only)
+        scored, seconds, best = run_recipe(config, root, args.score_only, args.score_device)
         for (tta, how), metrics in scored.items():
             label = name if (tta, how) == (config.train.tta, config.train.decode) else \
                 f"same model, {'flip TTA, ' if tta else ''}decode={how}"
