@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--score-only", action="store_true",
                         help="score the model a previous run left in --reuse DIR again, without training "
                              "(its seconds column is then the scoring time)")
-    parser.add_argument("--score-device", default="cpu",
+    parser.add_argument("--score-device", default="cpu", choices=("cpu", "cuda"),
                         help="where the test split is scored (cpu: the numerics of the 2-core rows; cuda: faster "
                              "for large inputs on a GPU machine)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "quality-results.md"))
@@ -177,6 +177,8 @@ def main() -> None:
     from bincounter import tracking
     from bincounter.training.loop import select_device
 
+    if args.score_device == "cuda" and not torch.cuda.is_available():
+        parser.error("--score-device cuda: no CUDA device here")  # before training, not after it
     command = "python benchmarks/bench_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
