@@ -87,6 +87,55 @@ def build(root: Path, args):
     return config
 
 
+def training_subset(root: Path, fraction: float, seed: int) -> Path:
+    """For a learning curve: a view of root (beside it) whose training split keeps `fraction` of its blocks of
+    neighbouring ids, stratified by count (one fold of scikit-learn's StratifiedGroupKFold, as the split stage
+    cuts val and test); val, test, the photos and the prepared shards are root's own, linked. -> the view."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from bincounter.config import file_sha256
+    from bincounter.data.split import group_of, read_split
+
+    view = root.parent / f"{root.name}-train{round(fraction * 100)}"
+    if (view / "prepared" / "meta.json").is_file():
+        return view
+    rows = read_split(root / "splits" / "train.csv")
+    splitter = StratifiedGroupKFold(n_splits=round(1 / fraction), shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # "the least populated class has only N members"
+        warnings.simplefilter("ignore", UserWarning)
+        _, fold = next(splitter.split(rows, [c for _, c in rows], [group_of(i, 100) for i, _ in rows]))
+    kept = {rows[k][0] for k in fold}
+    for name in ("source", "raw", "catalog.parquet", "manifest.json", "eda"):
+        (view / name).parent.mkdir(parents=True, exist_ok=True)
+        (view / name).symlink_to((root / name).resolve())
+    (view / "splits").mkdir()
+    for name in ("val", "test", "rejects"):
+        shutil.copy(root / "splits" / f"{name}.csv", view / "splits")
+    keep_rows(root / "splits" / "train.csv", view / "splits" / "train.csv", kept)
+    (view / "prepared" / "train").mkdir(parents=True)
+    for name in ("val", "test"):
+        (view / "prepared" / name).symlink_to((root / "prepared" / name).resolve())
+    for shard in (root / "prepared" / "train").glob("*.tar"):
+        (view / "prepared" / "train" / shard.name).symlink_to(shard.resolve())
+    keep_rows(root / "prepared" / "train" / "labels.csv", view / "prepared" / "train" / "labels.csv", kept)
+    record = json.loads((root / "prepared" / "train" / "prepared.json").read_text())
+    record.update(rows=len(kept), split_csv_sha256=file_sha256(view / "splits" / "train.csv"))
+    (view / "prepared" / "train" / "prepared.json").write_text(json.dumps(record))
+    shutil.copy(root / "prepared" / "meta.json", view / "prepared")  # last: it marks the view complete
+    return view
+
+
+def keep_rows(source: Path, dest: Path, ids: set[str]) -> None:
+    """Copy a CSV with an image_id column, keeping the header and the rows of these ids."""
+    with open(source, newline="") as src, open(dest, "w", newline="") as out:
+        reader = csv.reader(src)
+        writer = csv.writer(out)
+        writer.writerow(next(reader))
+        writer.writerows(r for r in reader if r[0] in ids)
+
+
 def run_recipe(config, root: Path, score_only: bool = False, score_device: str = "cpu") -> tuple[dict, float, int]:
     """Train the recipe (or, score_only, take the model root/model already holds); -> ({decode: test
     metrics}, seconds, best epoch). One trained model is scored with each decode rule (argmax, expected,
@@ -159,10 +208,15 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="use the first N merged bins (sorted ids)")
     parser.add_argument("--workers", type=int, default=2, help="prepare processes")
     parser.add_argument("--baseline", action="store_true", help="also train the seed-style loop on the same bins")
+    parser.add_argument("--baseline-size", type=int, default=None, metavar="PX",
+                        help="the seed-style loop's input size (default: the recipe's train.image_size)")
     parser.add_argument("--name", default=None, help="the row's name (default: the recipe)")
     parser.add_argument("--reuse", default=None, metavar="DIR",
                         help="keep the merged, split and prepared bins in DIR and reuse them on the next run "
                              "(same sources, strategy and image size); default: a temporary folder")
+    parser.add_argument("--train-fraction", type=float, default=1.0, metavar="F",
+                        help="learning curve: train on this fraction (0.5, 0.25, ...) of the training split's id "
+                             "blocks, stratified by count; val and test unchanged (needs --reuse)")
     parser.add_argument("--score-only", action="store_true",
                         help="score the model a previous run left in --reuse DIR again, without training "
                              "(its seconds column is then the scoring time)")
@@ -177,6 +231,8 @@ def main() -> None:
     from bincounter import tracking
     from bincounter.training.loop import select_device
 
+    if args.train_fraction != 1.0 and not (args.reuse and 0 < args.train_fraction < 1):
+        parser.error("--train-fraction: a fraction between 0 and 1, with --reuse")
     if args.score_device == "cuda" and not torch.cuda.is_available():
         parser.error("--score-device cuda: no CUDA device here")  # before training, not after it
     command = "python benchmarks/bench_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -184,13 +240,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.reuse or tmp)
         root.mkdir(parents=True, exist_ok=True)
+        if args.train_fraction != 1.0:  # the whole set first (built once), then the view that trains on part
+            build(root, args)
+            root = training_subset(root, args.train_fraction, args.seed)
         if args.score_only and not (root / "model").is_dir():
             parser.error(f"--score-only: {root / 'model'} holds no trained model")
         for stale in () if args.score_only else ("model", "ckpt"):
             shutil.rmtree(root / stale, ignore_errors=True)
         config = build(root, args)
         sizes = {n: len((root / "splits" / f"{n}.csv").read_text().splitlines()) - 1 for n in ("train", "val", "test")}
-        name = args.name or f"{tracking.recipe_name(config)} ({args.strategy})"
+        part = f", {sizes['train']} training bins" if args.train_fraction != 1.0 else ""
+        name = args.name or f"{tracking.recipe_name(config)} ({args.strategy}{part})"
         scored, seconds, best = run_recipe(config, root, args.score_only, args.score_device)
         for (tta, how), metrics in scored.items():
             label = name if (tta, how) == (config.train.tta, config.train.decode) else \
@@ -199,8 +259,10 @@ def main() -> None:
             print(lines[-1], flush=True)
         if args.baseline:
             torch.manual_seed(config.train.seed)
-            base, seconds, best = train_baseline(root, args.epochs, config.train.image_size, 32)
-            lines.append(row(f"seed-style baseline ({args.strategy})", base, seconds, best, args.epochs))
+            size = args.baseline_size or config.train.image_size
+            base, seconds, best = train_baseline(root, args.epochs, size, 32)
+            at = f", {size} px" if size != config.train.image_size else ""
+            lines.append(row(f"seed-style baseline ({args.strategy}{part}{at})", base, seconds, best, args.epochs))
             print(lines[-1], flush=True)
             paired = [f"\nPaired over the {sizes['test']} test bins, the recipe (no TTA) minus the seed-style loop:"]
             paired += [f"- decode={how}: {versus_baseline(scored[False, how], base)}" for tta, how in scored if not tta]
