@@ -87,28 +87,22 @@ def build(root: Path, args):
     return config
 
 
-def training_subset(root: Path, fraction: float, seed: int) -> Path:
+def training_subset(root: Path, fraction: float, seed: int, group_size: int) -> Path:
     """For a learning curve: a view of root (beside it) whose training split keeps `fraction` of its blocks of
-    neighbouring ids, stratified by count (one fold of scikit-learn's StratifiedGroupKFold, as the split stage
-    cuts val and test); val, test, the photos and the prepared shards are root's own, linked. -> the view."""
-    import warnings
-
-    from sklearn.model_selection import StratifiedGroupKFold
-
+    neighbouring ids, stratified by count (one fold, cut as the split stage cuts val and test); val, test, the
+    photos and the prepared shards are root's own, linked. -> the view."""
     from bincounter.config import file_sha256
-    from bincounter.data.split import group_of, read_split
+    from bincounter.data.split import group_of, one_fold, read_split
 
     view = root.parent / f"{root.name}-train{round(fraction * 100)}"
     if (view / "prepared" / "meta.json").is_file():
         return view
     rows = read_split(root / "splits" / "train.csv")
-    splitter = StratifiedGroupKFold(n_splits=round(1 / fraction), shuffle=True, random_state=seed)
-    with warnings.catch_warnings():  # "the least populated class has only N members"
-        warnings.simplefilter("ignore", UserWarning)
-        _, fold = next(splitter.split(rows, [c for _, c in rows], [group_of(i, 100) for i, _ in rows]))
+    fold = one_fold(list(range(len(rows))), [c for _, c in rows], [group_of(i, group_size) for i, _ in rows],
+                    fraction, seed, "training subset")
     kept = {rows[k][0] for k in fold}
+    view.mkdir(parents=True, exist_ok=True)
     for name in ("source", "raw", "catalog.parquet", "manifest.json", "eda"):
-        (view / name).parent.mkdir(parents=True, exist_ok=True)
         (view / name).symlink_to((root / name).resolve())
     (view / "splits").mkdir()
     for name in ("val", "test", "rejects"):
@@ -241,8 +235,8 @@ def main() -> None:
         root = Path(args.reuse or tmp)
         root.mkdir(parents=True, exist_ok=True)
         if args.train_fraction != 1.0:  # the whole set first (built once), then the view that trains on part
-            build(root, args)
-            root = training_subset(root, args.train_fraction, args.seed)
+            whole = build(root, args)
+            root = training_subset(root, args.train_fraction, args.seed, whole.split.group_size)
         if args.score_only and not (root / "model").is_dir():
             parser.error(f"--score-only: {root / 'model'} holds no trained model")
         for stale in () if args.score_only else ("model", "ckpt"):

@@ -80,14 +80,14 @@ def grouped_split(labels: dict[str, int], fractions: list[float], seed: int, gro
     ids = sorted(labels)
     counts = [labels[i] for i in ids]
     groups = [group_of(i, group_size) for i in ids]
-    test = _one_fold(list(range(len(ids))), counts, groups, fractions[2], seed, "test")
+    test = one_fold(list(range(len(ids))), counts, groups, fractions[2], seed, "test")
     rest = [k for k in range(len(ids)) if k not in test]
-    val = _one_fold(rest, counts, groups, fractions[1] / (fractions[0] + fractions[1]), seed, "val")
+    val = one_fold(rest, counts, groups, fractions[1] / (fractions[0] + fractions[1]), seed, "val")
     return {"train": [ids[k] for k in rest if k not in val], "val": [ids[k] for k in sorted(val)],
             "test": [ids[k] for k in sorted(test)]}
 
 
-def _one_fold(indices: list[int], counts: list[int], groups: list[str], fraction: float, seed: int,
+def one_fold(indices: list[int], counts: list[int], groups: list[str], fraction: float, seed: int,
               name: str) -> set[int]:
     from sklearn.model_selection import StratifiedGroupKFold
 
